@@ -1,0 +1,70 @@
+"""Audio values and conversions.
+
+Audio is always ``(sample_rate, samples)``, the FastRTC convention. Inside the pipeline
+samples are mono float32 in [-1, 1]; at the edges we accept int16 or float32, mono or
+stereo, channels first or last, at any sample rate.
+"""
+
+from __future__ import annotations
+
+from math import gcd
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+Samples: TypeAlias = npt.NDArray[np.float32]
+Audio: TypeAlias = tuple[int, npt.NDArray[Any]]
+"""``(sample_rate, samples)``: samples int16 or float32, shape (n,), (1, n), (channels, n) or (n, channels)."""
+
+MonoAudio: TypeAlias = tuple[int, Samples]
+"""``(sample_rate, samples)`` with samples mono float32 in [-1, 1]."""
+
+
+def to_mono_float32(audio: Audio) -> MonoAudio:
+    """Return mono float32 samples in [-1, 1]; NaN becomes 0 and anything else is clipped.
+
+    Raises ``ValueError`` for a non-positive sample rate or an array with more than two axes.
+    """
+    rate, samples = audio
+    if int(rate) <= 0:
+        raise ValueError(f"sample rate must be positive, got {rate}")
+    array = np.asarray(samples)
+    if array.ndim > 2:
+        raise ValueError(f"audio must have at most 2 axes, got shape {array.shape}")
+    if array.ndim == 2:
+        # The channel axis is the short one: (channels, n) from FastRTC, (n, channels) from files.
+        channel_axis = 0 if array.shape[0] <= array.shape[1] else 1
+        array = array.mean(axis=channel_axis) if array.shape[channel_axis] > 1 else array.reshape(-1)
+    if array.dtype == np.int16:
+        mono = array.astype(np.float32) / 32768.0
+    elif np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        mono = array.astype(np.float32) / float(max(abs(info.min), info.max))
+    else:
+        mono = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(mono)):
+        mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+    return int(rate), np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def resample(samples: Samples, from_rate: int, to_rate: int) -> Samples:
+    """Resample mono float32 samples with a polyphase filter (no-op when the rates match)."""
+    if from_rate == to_rate or samples.size == 0:
+        return samples
+    from scipy.signal import resample_poly
+
+    divisor = gcd(int(from_rate), int(to_rate))
+    out = resample_poly(samples, to_rate // divisor, from_rate // divisor)
+    return np.asarray(out, dtype=np.float32)
+
+
+def to_int16(samples: Samples) -> npt.NDArray[np.int16]:
+    """Convert float32 samples in [-1, 1] to int16 PCM."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def duration_s(audio: MonoAudio) -> float:
+    """Length of the audio in seconds."""
+    rate, samples = audio
+    return float(samples.shape[-1]) / float(rate)
