@@ -1,0 +1,121 @@
+"""The one settings object, read once from the environment (``VOICEBOT_*`` and ``OLLAMA_HOST``).
+
+This is the only module that reads the environment; everything else receives plain values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    from platformdirs import user_data_path
+
+    return user_data_path("voicebot", appauthor=False)
+
+
+def _default_personas_dir() -> Path:
+    # A source checkout keeps personas/ beside the package; an install can point elsewhere.
+    return Path(__file__).resolve().parent.parent / "personas"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with the environment variable in brackets."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEBOT_", env_file=None, extra="ignore", populate_by_name=True
+    )
+
+    # --- where things live
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Models, voices, the embedded database and the spool live here [VOICEBOT_DATA_DIR]."""
+    personas_dir: Path = Field(default_factory=_default_personas_dir)
+    """Directory of persona TOML files [VOICEBOT_PERSONAS_DIR]."""
+    persona: str = "assistant-en"
+    """The persona a call starts with [VOICEBOT_PERSONA]."""
+
+    # --- speech recognition
+    stt_model: str | None = None
+    """faster-whisper size name or local CTranslate2 directory; default depends on device and
+    language [VOICEBOT_STT_MODEL]."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where STT (and piper, when CUDA) runs [VOICEBOT_DEVICE]."""
+    stt_compute_type: str = "auto"
+    """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
+    stt_cpu_threads: int = 0
+    """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
+
+    # --- speech synthesis
+    tts_voice: str | None = None
+    """Piper voice name or local .onnx path, overriding the persona's [VOICEBOT_TTS_VOICE]."""
+
+    # --- language model
+    ollama_host: str = Field(
+        default="http://127.0.0.1:11434",
+        validation_alias=AliasChoices("OLLAMA_HOST", "VOICEBOT_OLLAMA_HOST", "ollama_host"),
+    )
+    """Ollama's base URL [OLLAMA_HOST]."""
+    llm_timeout_s: float = 20.0
+    """Longest wait for any read from Ollama, first token included [VOICEBOT_LLM_TIMEOUT_S]."""
+    llm_connect_timeout_s: float = 2.0
+    """Longest wait to connect to Ollama [VOICEBOT_LLM_CONNECT_TIMEOUT_S]."""
+    llm_keep_alive: str = "30m"
+    """How long Ollama keeps the model loaded after a request [VOICEBOT_LLM_KEEP_ALIVE]."""
+
+    # --- turn-taking (milliseconds)
+    vad_threshold: float = 0.5
+    """Speech probability at which a VAD window counts as voiced [VOICEBOT_VAD_THRESHOLD]."""
+    min_speech_ms: int = 96
+    """Voiced time before a user turn is considered started [VOICEBOT_MIN_SPEECH_MS]."""
+    end_silence_ms: int = 288
+    """Silence after the last voiced window that ends the turn [VOICEBOT_END_SILENCE_MS]."""
+    pre_roll_ms: int = 320
+    """Audio kept before the detected speech start so the first syllable is not clipped
+    [VOICEBOT_PRE_ROLL_MS]."""
+    max_utterance_s: float = 30.0
+    """A turn longer than this is cut and answered [VOICEBOT_MAX_UTTERANCE_S]."""
+    bargein_min_speech_ms: int = 160
+    """Sustained user speech while the agent talks that stops the agent [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
+
+    # --- database
+    database_url: SecretStr | None = None
+    """PostgreSQL DSN; unset = start an embedded server under data_dir [VOICEBOT_DATABASE_URL]."""
+    store_queue_size: int = 1000
+    """Turn records waiting for the database writer before they go to the spool
+    [VOICEBOT_STORE_QUEUE_SIZE]."""
+
+    # --- serving
+    host: str = "127.0.0.1"
+    """Address the UI/server binds [VOICEBOT_HOST]."""
+    port: int = 7860
+    """Port the UI/server binds [VOICEBOT_PORT]."""
+    api_token: SecretStr | None = None
+    """Bearer token required on offer, websocket and API routes [VOICEBOT_API_TOKEN]."""
+    concurrency_limit: int = 8
+    """Simultaneous calls (web and phone together) [VOICEBOT_CONCURRENCY_LIMIT]."""
+    time_limit_s: float = 1800.0
+    """Longest call in seconds [VOICEBOT_TIME_LIMIT_S]."""
+
+    @property
+    def voices_dir(self) -> Path:
+        """Downloaded piper voices."""
+        return self.data_dir / "voices"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Model caches (e.g. the Japanese TTS model)."""
+        return self.data_dir / "cache"
+
+    @property
+    def spool_path(self) -> Path:
+        """Turn records that could not reach the database yet."""
+        return self.data_dir / "spool.jsonl"
+
+    @property
+    def pg_data_dir(self) -> Path:
+        """The embedded PostgreSQL server's data directory."""
+        return self.data_dir / "postgres"
