@@ -1,0 +1,732 @@
+"""A scripted server that speaks Ollama's HTTP API, for tests and ``voicebot bench``.
+
+It streams NDJSON exactly as Ollama does (``/api/chat``, ``/api/tags``, ``/api/show``,
+``/api/ps``, ``/api/version``, ``/api/pull``), paced by an :class:`LlmProfile`, with replies
+from a :class:`Script` and faults switchable at runtime through ``server.fault``:
+
+``ok``                   normal replies
+``down``                 the listener is closed (connection refused); switching back rebinds
+``http_500``             ``/api/chat`` answers HTTP 500 with an Ollama-style error body
+``slow``                 a late first token: ``ttft * slow_factor``, at least ``slow_min_s``
+``error_midstream``      a few tokens, then an ``{"error": ...}`` line, as Ollama does on failure
+``hang``                 ``/api/chat`` sends nothing at all until the client goes away
+``disconnect_midstream`` a few tokens, then the connection is closed without finishing
+
+Built on ``http.server.ThreadingHTTPServer`` (one thread per connection, chunked transfer
+encoding) so it needs no dependency and each stream can watch its own socket: a client
+that closes its connection is noticed before the next token and recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import itertools
+import json
+import logging
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, cast, get_args
+
+logger = logging.getLogger(__name__)
+
+Fault = Literal["ok", "down", "http_500", "slow", "error_midstream", "hang", "disconnect_midstream"]
+FAULTS: tuple[str, ...] = get_args(Fault)
+
+OLLAMA_VERSION = "0.12.6"
+DEFAULT_LISTED_MODELS = ("llama3.2:3b", "llama3.1:8b", "qwen2.5:7b")
+
+
+@dataclass(frozen=True)
+class LlmProfile:
+    """How fast the simulated model answers.
+
+    name: profile name, as given on the command line.
+    ttft_s: seconds from request to the first token.
+    tokens_per_s: generation speed after the first token; 0 means no delay at all.
+    """
+
+    name: str
+    ttft_s: float
+    tokens_per_s: float
+
+
+PROFILES: dict[str, LlmProfile] = {
+    "gpu-8b": LlmProfile("gpu-8b", 0.150, 60.0),
+    "cpu-3b": LlmProfile("cpu-3b", 0.600, 12.0),
+    "instant": LlmProfile("instant", 0.0, 0.0),
+}
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
+# Latin words keep their leading whitespace (as BPE tokens do); CJK goes out two
+# characters at a time, which is about what Japanese tokenizers produce.
+_CJK_CLASS = "\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
+_TOKEN = re.compile(rf"\s*[{_CJK_CLASS}]{{1,2}}|\s*[^\s{_CJK_CLASS}]+|\s+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into pseudo-tokens: words with their leading spaces, 1–2 CJK characters."""
+    return _TOKEN.findall(text)
+
+
+def echo_reply(user_text: str) -> str:
+    """The default scripted reply: a few sentences derived from the user's words."""
+    text = user_text.strip()
+    if _CJK.search(text):
+        return f"かしこまりました。{text.rstrip('。')}ですね。ほかにご希望はありますか。"
+    text = text.rstrip(".!?")
+    return f"You said: {text}. That is an interesting point. Tell me more about it."
+
+
+class Script:
+    """Reply policy: a fixed list of replies used in turn (cycled), else an echo of the user."""
+
+    def __init__(self, replies: Sequence[str] | None = None) -> None:
+        self._replies = list(replies or [])
+        self._lock = threading.Lock()
+        self._cycle = itertools.cycle(self._replies) if self._replies else None
+
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The reply to a chat request's messages."""
+        if self._cycle is not None:
+            with self._lock:
+                return next(self._cycle)
+        last_user = next(
+            (str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"),
+            "",
+        )
+        return echo_reply(last_user)
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received and, for chats, what it sent back."""
+
+    method: str
+    path: str
+    body: dict[str, Any]
+    model: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+    stream: bool = True
+    reply: str = ""
+    tokens_planned: int = 0
+    tokens_sent: int = 0
+    client_disconnected: bool = False
+    finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's default tag: ``llama3.2`` means ``llama3.2:latest``."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _details(name: str) -> dict[str, Any]:
+    size = re.search(r"(\d+(?:\.\d+)?)b", name.lower())
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": f"{size.group(1)}B" if size else "3.2B",
+        "quantization_level": "Q4_K_M",
+    }
+
+
+class _Disconnected(Exception):
+    """The client went away (or the server is stopping) while we were streaming."""
+
+
+class OllamaProtocolServer:
+    """An Ollama-compatible HTTP server on loopback, scripted and paced by a profile.
+
+    ``models=None`` accepts any model name; a collection restricts the "pulled" models so
+    others get Ollama's 404. ``requests`` lists every request received, in order.
+    """
+
+    def __init__(
+        self,
+        profile: LlmProfile | str = "instant",
+        *,
+        script: Script | None = None,
+        models: Iterable[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fault: Fault = "ok",
+        slow_factor: float = 10.0,
+        slow_min_s: float = 2.0,
+        fault_after_tokens: int = 3,
+        load_s: float = 0.0,
+    ) -> None:
+        self.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        self.script = script or Script()
+        self.models: set[str] | None = (
+            None if models is None else {normalize_model(m) for m in models}
+        )
+        self.host = host
+        self.port = port
+        self.slow_factor = slow_factor
+        self.slow_min_s = slow_min_s
+        self.fault_after_tokens = fault_after_tokens
+        self.load_s = load_s
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.RLock()
+        self._fault: Fault = "ok"
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._running = False
+        self._stopping = threading.Event()
+        self._loaded: dict[str, float] = {}
+        self.fault = fault
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the running server."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> str:
+        """Bind and serve in a background thread; returns the base URL."""
+        with self._lock:
+            if self._running:
+                return self.base_url
+            self._running = True
+            self._stopping.clear()
+            if self._fault != "down":
+                self._listen()
+        logger.info("Ollama-protocol server on %s (profile %s)", self.base_url, self.profile.name)
+        return self.base_url
+
+    def stop(self) -> None:
+        """Stop listening, drop open connections and end running streams."""
+        with self._lock:
+            self._running = False
+            self._stopping.set()
+            self._unlisten()
+
+    def __enter__(self) -> OllamaProtocolServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def fault(self) -> Fault:
+        """The current fault mode; settable at any time from any thread."""
+        with self._lock:
+            return self._fault
+
+    @fault.setter
+    def fault(self, value: Fault) -> None:
+        if value not in FAULTS:
+            raise ValueError(f"unknown fault {value!r}; expected one of {', '.join(FAULTS)}")
+        with self._lock:
+            previous, self._fault = self._fault, value
+            if not self._running or previous == value:
+                return
+            if value == "down":
+                self._unlisten()
+            elif previous == "down":
+                self._listen()
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        """The recorded ``/api/chat`` requests, in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r.path == "/api/chat"]
+
+    def _listen(self) -> None:
+        httpd = _HTTPServer((self.host, self.port), _Handler, self)
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"ollama-server-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _unlisten(self) -> None:
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=2)
+        # Idle keep-alive connections would otherwise still be served: a downed Ollama
+        # drops them too.
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._connections.clear()
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    def _record(self, rec: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+    def _has_model(self, name: str) -> bool:
+        with self._lock:
+            return self.models is None or normalize_model(name) in self.models
+
+    def _add_model(self, name: str) -> None:
+        with self._lock:
+            if self.models is not None:
+                self.models.add(normalize_model(name))
+
+    def _listed_models(self) -> list[str]:
+        with self._lock:
+            if self.models is not None:
+                return sorted(self.models)
+            seen = {normalize_model(r.model) for r in self.requests if r.model}
+            return sorted(seen | set(DEFAULT_LISTED_MODELS))
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    # Many concurrent bench sessions connect at once.
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[http.server.BaseHTTPRequestHandler],
+        owner: OllamaProtocolServer,
+    ) -> None:
+        self.owner = owner
+        super().__init__(address, handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: what httpx expects of Ollama
+    server_version = "ollama-protocol-server"
+    disable_nagle_algorithm = True  # tokens are tiny writes; don't let Nagle batch them
+    server: _HTTPServer
+
+    @property
+    def owner(self) -> OllamaProtocolServer:
+        return self.server.owner
+
+    def setup(self) -> None:
+        super().setup()
+        self.owner._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        self.owner._track(self.connection, add=False)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_json()
+        except ValueError as e:
+            self._send_json(400, {"error": f"invalid JSON body: {e}"})
+            return
+        model = body.get("model") or body.get("name")
+        rec = RecordedRequest(method, path, body, model=str(model) if model else None)
+        self.owner._record(rec)
+        try:
+            route = {
+                ("GET", "/"): self._root,
+                ("HEAD", "/"): self._root,
+                ("GET", "/api/version"): self._version,
+                ("GET", "/api/tags"): self._tags,
+                ("GET", "/api/ps"): self._ps,
+                ("POST", "/api/show"): self._show,
+                ("POST", "/api/pull"): self._pull,
+                ("POST", "/api/chat"): self._chat,
+            }.get((method, path))
+            if route is None:
+                self._send_json(404, {"error": "404 page not found"})
+            else:
+                route(rec)
+        except _Disconnected:
+            rec.client_disconnected = not self.owner._stopping.is_set()
+            self.close_connection = True
+            logger.debug("client left during %s after %d tokens", path, rec.tokens_sent)
+        finally:
+            rec.finished.set()
+
+    def _read_json(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return {}
+        data = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        return data
+
+    # -- simple routes ---------------------------------------------------------------------
+
+    def _root(self, rec: RecordedRequest) -> None:
+        self._send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    def _version(self, rec: RecordedRequest) -> None:
+        self._send_json(200, {"version": OLLAMA_VERSION})
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": _now_rfc3339(),
+            "size": 2_019_393_189,
+            "digest": _digest(name),
+            "details": _details(name),
+        }
+
+    def _tags(self, rec: RecordedRequest) -> None:
+        models = [self._model_entry(n) for n in self.owner._listed_models()]
+        self._send_json(200, {"models": models})
+
+    def _ps(self, rec: RecordedRequest) -> None:
+        now = time.time()
+        with self.owner._lock:
+            loaded = {n: t for n, t in self.owner._loaded.items() if t > now}
+        models = []
+        for name, until in sorted(loaded.items()):
+            entry = self._model_entry(name)
+            entry.pop("modified_at")
+            expires = datetime.fromtimestamp(until, UTC)
+            entry.update(
+                expires_at=expires.isoformat().replace("+00:00", "Z"),
+                size_vram=entry["size"],
+                context_length=4096,
+            )
+            models.append(entry)
+        self._send_json(200, {"models": models})
+
+    def _show(self, rec: RecordedRequest) -> None:
+        name = rec.model or ""
+        if not self.owner._has_model(name):
+            self._send_json(404, {"error": f"model '{name}' not found"})
+            return
+        self._send_json(
+            200,
+            {
+                "modelfile": f"FROM {name}\n",
+                "parameters": 'stop "<|eot_id|>"',
+                "template": "{{ .Prompt }}",
+                "details": _details(name),
+                "model_info": {"general.architecture": "llama"},
+                "capabilities": ["completion"],
+                "modified_at": _now_rfc3339(),
+            },
+        )
+
+    def _pull(self, rec: RecordedRequest) -> None:
+        name = rec.model or ""
+        stream = rec.body.get("stream", True) is not False
+        rec.stream = stream
+        if not stream:
+            self.owner._add_model(name)
+            self._send_json(200, {"status": "success"})
+            return
+        digest = "sha256:" + _digest(name)
+        total = 2_019_377_376
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        lines += [
+            {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": c}
+            for c in (0, total // 4, total // 2, 3 * total // 4, total)
+        ]
+        lines += [
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        self._start_stream()
+        for line in lines:
+            self._send_line(line)
+        self.owner._add_model(name)
+        self._end_stream()
+
+    # -- chat ------------------------------------------------------------------------------
+
+    def _chat(self, rec: RecordedRequest) -> None:
+        owner = self.owner
+        body = rec.body
+        name = rec.model or ""
+        messages = body.get("messages") or []
+        rec.messages = [dict(m) for m in messages if isinstance(m, Mapping)]
+        rec.options = body.get("options")
+        rec.keep_alive = body.get("keep_alive")
+        rec.stream = body.get("stream", True) is not False
+        fault = owner.fault
+        started = time.monotonic()
+
+        if not name:
+            self._send_json(400, {"error": "model is required"})
+            return
+        if not owner._has_model(name):
+            self._send_json(404, {"error": f'model "{name}" not found, try pulling it first'})
+            return
+        if fault == "http_500":
+            self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
+            return
+        if fault == "hang":
+            self._wait(float("inf"))
+            return
+
+        self._mark_loaded(name, rec.keep_alive)
+        if owner.load_s:
+            self._wait(owner.load_s)
+        if not rec.messages:
+            # Ollama's documented way to load a model: empty messages, no generation.
+            self._send_json(200, self._final(name, "load", started, 0, 0, 0.0))
+            return
+
+        reply = owner.script.reply(rec.messages)
+        tokens = tokenize(reply)
+        num_predict = (rec.options or {}).get("num_predict")
+        done_reason = "stop"
+        if isinstance(num_predict, int) and 0 < num_predict < len(tokens):
+            tokens, done_reason = tokens[:num_predict], "length"
+        rec.reply = "".join(tokens)
+        rec.tokens_planned = len(tokens)
+
+        profile = owner.profile
+        ttft = profile.ttft_s
+        if fault == "slow":
+            ttft = max(ttft * owner.slow_factor, owner.slow_min_s)
+        interval = 1.0 / profile.tokens_per_s if profile.tokens_per_s > 0 else 0.0
+        prompt_tokens = sum(len(tokenize(str(m.get("content") or ""))) for m in rec.messages)
+
+        if not rec.stream:
+            self._wait(ttft + interval * max(len(tokens) - 1, 0))
+            final = self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
+            final["message"]["content"] = rec.reply
+            rec.tokens_sent = len(tokens)
+            self._send_json(200, final)
+            return
+
+        self._start_stream()
+        first_at = started + ttft
+        for i, token in enumerate(tokens):
+            if fault in ("error_midstream", "disconnect_midstream") and (
+                i == owner.fault_after_tokens
+            ):
+                break
+            self._wait(first_at + i * interval - time.monotonic())
+            self._send_line(
+                {
+                    "model": name,
+                    "created_at": _now_rfc3339(),
+                    "message": {"role": "assistant", "content": token},
+                    "done": False,
+                }
+            )
+            rec.tokens_sent += 1
+        else:
+            self._send_line(
+                self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
+            )
+            self._end_stream()
+            return
+        if fault == "error_midstream":
+            self._send_line({"error": "an error was encountered while running the model"})
+            self._end_stream()
+        else:
+            # No terminating chunk: the client sees the body cut short, like a crashed runner.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _final(
+        self,
+        name: str,
+        reason: str,
+        started: float,
+        prompt_tokens: int,
+        eval_tokens: int,
+        ttft_s: float,
+    ) -> dict[str, Any]:
+        total_ns = int((time.monotonic() - started) * 1e9)
+        prompt_ns = int(ttft_s * 1e9)
+        return {
+            "model": name,
+            "created_at": _now_rfc3339(),
+            "message": {"role": "assistant", "content": ""},
+            "done_reason": reason,
+            "done": True,
+            "total_duration": total_ns,
+            "load_duration": int(self.owner.load_s * 1e9),
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": eval_tokens,
+            "eval_duration": max(total_ns - prompt_ns, 0),
+        }
+
+    def _mark_loaded(self, name: str, keep_alive: str | float | None) -> None:
+        seconds = _keep_alive_seconds(keep_alive)
+        with self.owner._lock:
+            if seconds == 0:
+                self.owner._loaded.pop(normalize_model(name), None)
+            else:
+                until = time.time() + (seconds if seconds > 0 else 10 * 365 * 86400)
+                self.owner._loaded[normalize_model(name)] = until
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    def _client_gone(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s; True if the client closed its side (or the server stops)."""
+        if self.owner._stopping.is_set():
+            return True
+        readable, _, _ = select.select([self.connection], [], [], max(timeout, 0.0))
+        if not readable:
+            return False
+        try:
+            data = self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+        if data:
+            # A pipelined request, not a close: just wait out the time.
+            time.sleep(max(timeout, 0.0))
+            return False
+        return True
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep, but raise _Disconnected as soon as the client leaves or the server stops."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if self._client_gone(min(max(left, 0.0), 0.05)):
+                raise _Disconnected
+            if left <= 0:
+                return
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
+        self._send_bytes(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+
+    def _start_stream(self) -> None:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _send_line(self, obj: Mapping[str, Any]) -> None:
+        if self._client_gone(0):
+            raise _Disconnected
+        data = json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+        try:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _end_stream(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as e:
+            raise _Disconnected from e
+
+
+def _keep_alive_seconds(value: str | float | None) -> float:
+    """Ollama's keep_alive: seconds, or a duration like "30m"; negative keeps forever."""
+    if value is None:
+        return 300.0
+    if isinstance(value, int | float):
+        return float(value)
+    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not match:
+        return 300.0
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
+def serve(profile: LlmProfile | str = "gpu-8b", host: str = "127.0.0.1", port: int = 11434) -> None:
+    """Run the server in the foreground until interrupted."""
+    server = OllamaProtocolServer(profile, host=host, port=port)
+    url = server.start()
+    logger.info("serving Ollama's API at %s; Ctrl-C stops", url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m voicebot.ollama_server --profile gpu-8b --port 11434``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu-8b")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(cast(str, args.profile), args.host, args.port)
+
+
+__all__ = [
+    "FAULTS",
+    "PROFILES",
+    "Fault",
+    "LlmProfile",
+    "OllamaProtocolServer",
+    "RecordedRequest",
+    "Script",
+    "echo_reply",
+    "main",
+    "serve",
+    "tokenize",
+]
+
+if __name__ == "__main__":
+    main()
