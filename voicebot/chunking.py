@@ -243,7 +243,8 @@ def _sentence_end(buf: str, i: int, j: int, run: str, *, final: bool) -> bool | 
     return True
 
 
-_URL = re.compile(r"(?:https?://|www\.)[^\s)\]>]+", re.IGNORECASE)
+# A sentence's own period or comma after a URL stays.
+_URL = re.compile(r"(?:https?://|www\.)[^\s)\]>]*[^\s)\]>.,!?;:]", re.IGNORECASE)
 _IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
 _LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
 _FENCE = re.compile(r"```[\w+-]*")
@@ -262,6 +263,7 @@ _EMOJI = re.compile(
     "]+"
 )
 _SPACES = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r" +(?=[.,!?;:。、！？])")
 
 
 def clean_for_speech(text: str) -> str:
@@ -278,7 +280,9 @@ def clean_for_speech(text: str) -> str:
     # Asterisks and backticks are never read aloud; a chunk may hold just one half of a pair.
     text = text.replace("*", "").replace("`", "")
     text = _EMOJI.sub("", text)
-    return _SPACES.sub(" ", text).strip()
+    text = _SPACES.sub(" ", text).strip()
+    # A removed URL or emoji leaves "or ." behind.
+    return _SPACE_BEFORE_PUNCT.sub("", text)
 
 
 def chunk_text(tokens: Iterable[str], language: str = "en", **kw: int | None) -> Iterator[str]:
