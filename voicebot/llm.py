@@ -77,7 +77,8 @@ def _describe(e: BaseException, client: ollama.Client, model: str) -> str:
         return f"Ollama at {host} answered HTTP {e.status_code}: {e.error}"
     if isinstance(e, httpx.ConnectTimeout):
         return f"Ollama unreachable at {host} (connect timed out)"
-    if isinstance(e, httpx.ConnectError | ConnectionRefusedError):
+    # The client turns httpx.ConnectError into a plain ConnectionError (non-streaming calls).
+    if isinstance(e, httpx.ConnectError | ConnectionRefusedError) or type(e) is ConnectionError:
         return f"Ollama unreachable at {host} (connection refused)"
     if isinstance(e, httpx.TimeoutException):
         timeout = _read_timeout_of(client)
@@ -92,8 +93,7 @@ def _describe(e: BaseException, client: ollama.Client, model: str) -> str:
     return f"Ollama request to {host} failed: {e}"
 
 
-# What the ollama client and httpx raise for a failed call. The client turns a connect
-# error into the builtin ConnectionError (non-streaming calls only).
+# What the ollama client and httpx raise for a failed call.
 _FAILURES = (ollama.ResponseError, httpx.HTTPError, ConnectionError, ValueError)
 
 
