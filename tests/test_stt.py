@@ -87,6 +87,16 @@ def test_48k_stereo_int16_input(
     assert "parameters" in text, text
 
 
+def test_concurrent_calls_share_one_model(
+    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(tiny_en.transcribe, [english_speech, english_speech]))
+    assert all("parameters" in text.lower() for text in texts), texts
+
+
 def test_base_transcribes_japanese(
     base: WhisperTranscriber, japanese_speech: tuple[int, Samples]
 ) -> None:

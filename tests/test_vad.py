@@ -104,6 +104,17 @@ def test_streams_are_independent(vad: SileroVad, speech_16k: np.ndarray) -> None
     assert talker.probability(silence) != pytest.approx(fresh_probs[0], abs=1e-6)
 
 
+def test_streams_in_threads_match_sequential(vad: SileroVad, speech_16k: np.ndarray) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    clips = [speech_16k[i * 16000 : (i + 2) * 16000] for i in range(4)]
+    sequential = [probabilities(vad.stream(), clip) for clip in clips]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda clip: probabilities(vad.stream(), clip), clips))
+    for a, b in zip(sequential, threaded, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("length", [0, 511, 513, 1024])
 def test_wrong_window_length_raises(vad: SileroVad, length: int) -> None:
     with pytest.raises(ValueError, match="512"):

@@ -114,9 +114,9 @@ class WhisperTranscriber:
         self.device = resolved
         self.compute_type = compute
         self.beam_size = beam_size
+        self._warned_language = False
         started = time.perf_counter()
         try:
-            # CTranslate2 wants a str, not a Path.
             self._model: Any = WhisperModel(
                 source,
                 device=resolved,
@@ -158,7 +158,8 @@ class WhisperTranscriber:
         samples = resample(samples, rate, WHISPER_SAMPLE_RATE)
         lang = _normalise_language(language)
         if not self.multilingual:
-            if lang not in (None, "en"):
+            if lang not in (None, "en") and not self._warned_language:
+                self._warned_language = True  # once, not every turn
                 logger.warning("whisper %s is English-only; ignoring language %r", self.name, lang)
             lang = "en"
         started = time.perf_counter()
@@ -189,7 +190,7 @@ class WhisperTranscriber:
 
 
 def _model_source(model: str, size_names: list[str]) -> str:
-    """The local directory as a str, or a size name / hub id for faster-whisper to fetch."""
+    """The local directory as a str (CTranslate2 rejects a Path), or a size name / hub id."""
     if not model.strip():
         raise ConfigError(f"no whisper model given: set {MODEL_SETTING}")
     path = Path(model).expanduser()
