@@ -147,7 +147,8 @@ class WhisperTranscriber:
         tone = (0.1 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
         tone[: WHISPER_SAMPLE_RATE // 2] = 0.0
         started = time.perf_counter()
-        self.transcribe((WHISPER_SAMPLE_RATE, tone), language=None if self.multilingual else "en")
+        # A fixed language skips detection, which would only add a second of start-up.
+        self.transcribe((WHISPER_SAMPLE_RATE, tone), language="en")
         logger.info("whisper %s warmed up in %.2f s", self.name, time.perf_counter() - started)
 
     def transcribe(self, audio: Audio, language: str | None = None) -> str:
