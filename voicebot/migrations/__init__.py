@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -59,7 +60,7 @@ def available() -> list[Migration]:
     return found
 
 
-def migrate(conn: psycopg.Connection[object], migrations: list[Migration] | None = None) -> list[int]:
+def migrate(conn: psycopg.Connection[Any], migrations: list[Migration] | None = None) -> list[int]:
     """Apply the pending migrations; return the versions applied now (empty when up to date).
 
     Must be given a connection that is not inside a transaction; it is left in the same state.
@@ -92,7 +93,7 @@ def migrate(conn: psycopg.Connection[object], migrations: list[Migration] | None
     return applied_now
 
 
-def current_version(conn: psycopg.Connection[object]) -> int | None:
+def current_version(conn: psycopg.Connection[Any]) -> int | None:
     """The highest applied version, or None when no migration ran yet."""
     exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
     if not exists or not exists[0]:

@@ -1,0 +1,216 @@
+"""``voicebot history`` and ``voicebot db {migrate,prune,url}``.
+
+The main CLI calls ``register(app, get_settings)``; ``python -m voicebot.store_cli`` runs these
+commands alone (handy for ``history --follow`` in a second terminal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Annotated, Any
+from uuid import UUID
+
+import typer
+
+from voicebot.database import mask_dsn, open_database, start_database
+from voicebot.errors import ConfigError
+from voicebot.settings import Settings
+from voicebot.store import StoredTurn, follow_stored_turns, get_stored_turns, prune
+
+logger = logging.getLogger(__name__)
+
+SettingsFactory = Callable[[], Settings]
+
+_get_settings: SettingsFactory = Settings
+
+db_app = typer.Typer(help="The conversation database (PostgreSQL).", no_args_is_help=True)
+
+
+def register(app: typer.Typer, get_settings: SettingsFactory) -> None:
+    """Add ``history`` and the ``db`` group to ``app``; commands read settings via the factory."""
+    global _get_settings
+    _get_settings = get_settings
+    app.command("history")(history_command)
+    app.add_typer(db_app, name="db")
+
+
+def _settings() -> Settings:
+    return _get_settings()
+
+
+def _fail(error: ConfigError) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(2)
+
+
+# --- history -----------------------------------------------------------------------------------
+
+
+def history_command(
+    conversation: Annotated[
+        str | None,
+        typer.Option("--conversation", "-c", help="Only this conversation (its UUID)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="How many turns.")] = 20,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per turn and line, with timings.")
+    ] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing turns as they are recorded.")
+    ] = False,
+) -> None:
+    """Show recorded turns (the latest first conversation-wide, oldest at the top)."""
+    conversation_id: UUID | None = None
+    if conversation is not None:
+        try:
+            conversation_id = UUID(conversation)
+        except ValueError:
+            raise typer.BadParameter(
+                f"not a conversation id: {conversation!r}", param_hint="--conversation"
+            ) from None
+    try:
+        with open_database(_settings()) as db:
+            if follow:
+                try:
+                    asyncio.run(_follow(db.dsn, conversation_id, limit, as_json))
+                except KeyboardInterrupt:
+                    pass
+                return
+            with db.connect() as conn:
+                turns = get_stored_turns(conn, conversation_id, limit)
+            for stored in turns:
+                typer.echo(_format(stored, as_json))
+    except ConfigError as e:
+        raise _fail(e) from None
+
+
+async def _follow(dsn: str, conversation_id: UUID | None, backlog: int, as_json: bool) -> None:
+    async for stored in follow_stored_turns(dsn, conversation_id, backlog=backlog):
+        typer.echo(_format(stored, as_json))
+
+
+def turn_json(stored: StoredTurn) -> dict[str, Any]:
+    """The ``--json`` form of one turn (also what the API can serve)."""
+    turn = stored.turn
+    t = turn.timings
+    return {
+        "turn": turn.sequence,
+        "conversation_id": str(turn.conversation_id),
+        "turn_id": str(turn.turn_id),
+        "user_text": turn.user_text,
+        "assistant_text": turn.assistant_text,
+        "interrupted": turn.interrupted,
+        "error": turn.error,
+        "timings": {
+            "endpoint_ms": t.endpoint_ms,
+            "stt_ms": t.stt_ms,
+            "llm_ttft_ms": t.llm_ttft_ms,
+            "tts_first_ms": t.tts_first_ms,
+            "v2v_ms": t.v2v_ms,
+            "bargein_stop_ms": t.bargein_stop_ms,
+        },
+        "models": {"stt": turn.stt_model, "llm": turn.llm_model, "tts": turn.tts_model},
+        "started_at": turn.started_at.isoformat(),
+        "created_at": stored.created_at.isoformat(),
+    }
+
+
+def _format(stored: StoredTurn, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(turn_json(stored), ensure_ascii=False)
+    turn = stored.turn
+    when = turn.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    head = f"{when}  {str(turn.conversation_id)[:8]} #{turn.sequence}"
+    notes = []
+    if turn.timings.v2v_ms is not None:
+        notes.append(f"v2v {turn.timings.v2v_ms:.0f} ms")
+    if turn.interrupted:
+        notes.append("interrupted")
+    if turn.error:
+        notes.append(f"error: {turn.error}")
+    suffix = f"  [{'; '.join(notes)}]" if notes else ""
+    indent = " " * len(head)
+    return f"{head}  user:  {turn.user_text}\n{indent}  agent: {turn.assistant_text}{suffix}"
+
+
+# --- db ----------------------------------------------------------------------------------------
+
+
+@db_app.command("migrate")
+def migrate_command() -> None:
+    """Apply pending schema migrations (start-up does this too)."""
+    try:
+        with open_database(_settings(), migrate=False) as db:
+            applied = db.migrate()
+    except ConfigError as e:
+        raise _fail(e) from None
+    if applied:
+        typer.echo(f"applied migrations {', '.join(f'{v:04d}' for v in applied)}")
+    else:
+        typer.echo("schema up to date")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` → timedelta."""
+    match = _DURATION.match(text)
+    if not match:
+        raise typer.BadParameter(f"{text!r}: use a number and a unit s, m, h, d or w, e.g. 30d")
+    return timedelta(**{_UNITS[match[2]]: float(match[1])})
+
+
+@db_app.command("prune")
+def prune_command(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age, e.g. 30d, 12h, 2w.", show_default=True)
+    ] = "30d",
+) -> None:
+    """Delete conversations (and their turns) with no activity for longer than the given age."""
+    age = parse_duration(older_than)
+    try:
+        with open_database(_settings()) as db, db.connect() as conn:
+            deleted = prune(conn, age)
+    except ConfigError as e:
+        raise _fail(e) from None
+    typer.echo(f"deleted {deleted} conversation{'s' if deleted != 1 else ''} older than {age}")
+
+
+@db_app.command("url")
+def url_command() -> None:
+    """Print the DSN in use (password masked)."""
+    settings = _settings()
+    if settings.database_url is not None:
+        typer.echo(mask_dsn(settings.database_url.get_secret_value()))
+        return
+    try:
+        db = start_database(settings, migrate=False)
+    except ConfigError as e:
+        raise _fail(e) from None
+    try:
+        typer.echo(db.display_dsn)
+        typer.echo(
+            f"(embedded server, data dir {db.data_dir}; it runs while a voicebot process uses it)",
+            err=True,
+        )
+    finally:
+        db.stop()
+
+
+def main() -> None:
+    """Entry point of ``python -m voicebot.store_cli``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(no_args_is_help=True, help="voicebot conversation history and database.")
+    register(app, Settings)
+    app()
+
+
+if __name__ == "__main__":
+    main()
