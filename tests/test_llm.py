@@ -30,9 +30,8 @@ def server():
 
 @pytest.fixture
 def chat(server):
-    client = make_client(server.base_url, timeout_s=2.0)
-    yield OllamaChat(client, MODEL)
-    client.close()
+    with make_client(server.base_url, timeout_s=2.0) as client:
+        yield OllamaChat(client, MODEL)
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import ollama
@@ -39,7 +40,7 @@ def server():
         yield srv
 
 
-def chat_body(text: str = "hello there", **extra):
+def chat_body(text: str = "hello there", **extra: Any) -> dict[str, Any]:
     return {"model": "llama3.2:3b", "messages": [{"role": "user", "content": text}], **extra}
 
 
@@ -206,7 +207,7 @@ def test_fault_modes_on_the_wire(server):
     assert rec.finished.wait(2) and rec.client_disconnected and rec.tokens_sent == 0
 
     with pytest.raises(ValueError):
-        server.fault = "broken"  # type: ignore[assignment]
+        server.fault = "broken"
 
 
 def test_slow_delays_the_first_token():

@@ -117,22 +117,23 @@ class OllamaChat:
         self.options = dict(options) if options else None
         self.keep_alive = keep_alive
 
-    def stream(self, messages: Sequence[Message]) -> Iterator[str]:
+    def stream(self, messages: Sequence[Message]) -> Generator[str, None, None]:
         """Yield the reply's content deltas as they arrive.
 
         Raises ``StageError("llm", ...)`` on any failure; closing the generator closes the
         HTTP stream, so the server sees the disconnect and stops generating.
         """
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        parts = self.client.chat(
-            model=self.name,
-            messages=payload,
-            stream=True,
-            options=self.options,
-            keep_alive=self.keep_alive,
-        )
+        parts: Iterator[ollama.ChatResponse] = iter(())
         finished = False
         try:
+            parts = self.client.chat(
+                model=self.name,
+                messages=payload,
+                stream=True,
+                options=self.options,
+                keep_alive=self.keep_alive,
+            )
             for part in parts:
                 content = part.message.content
                 if content:

@@ -28,6 +28,7 @@ import logging
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -324,6 +325,15 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.owner = owner
         super().__init__(address, handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients resetting idle keep-alive connections are routine; socketserver would
+        # print a traceback to stderr for each.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            logger.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            logger.exception("error while serving %s", client_address)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: what httpx expects of Ollama
@@ -572,7 +582,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             # No terminating chunk: the client sees the body cut short, like a crashed runner.
             self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError as e:
+                raise _Disconnected from e
 
     def _final(
         self,
@@ -614,8 +627,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Wait up to ``timeout`` s; True if the client closed its side (or the server stops)."""
         if self.owner._stopping.is_set():
             return True
-        readable, _, _ = select.select([self.connection], [], [], max(timeout, 0.0))
-        if not readable:
+        # poll, not select: select fails on descriptors above 1024 (many bench sessions).
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(max(timeout, 0.0) * 1000):
             return False
         try:
             data = self.connection.recv(1, socket.MSG_PEEK)
@@ -649,7 +664,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Disconnected from e
 
     def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
-        self._send_bytes(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self._send_bytes(status, data, "application/json; charset=utf-8")
 
     def _start_stream(self) -> None:
         try:
