@@ -98,12 +98,17 @@ def test_tokens_arrive_incrementally():
     with OllamaProtocolServer("gpu-8b") as srv:
         chat = OllamaChat(make_client(srv.base_url, timeout_s=5), MODEL)
         started = time.monotonic()
-        arrivals = [time.monotonic() - started for _ in chat.stream(user("hello there"))]
+        arrivals, sent_at_first = [], None
+        for _ in chat.stream(user("hello there")):
+            arrivals.append(time.monotonic() - started)
+            if sent_at_first is None:
+                sent_at_first = srv.chat_requests()[0].tokens_sent
+        planned = srv.chat_requests()[0].tokens_planned
     ttft, total = arrivals[0], arrivals[-1]
-    assert len(arrivals) > 5
-    # Loose: the first token came well before the last was generated (~0.15 s vs ~0.4 s).
-    assert ttft < total
-    assert total - ttft > 0.5 * (len(arrivals) - 1) / 60
+    assert len(arrivals) == planned > 5
+    # The first token reached us while the server was still generating the rest.
+    assert sent_at_first is not None and sent_at_first < planned
+    assert ttft < total  # ttft ~0.15 s, total ~0.4 s; not asserted tightly
 
 
 def test_request_carries_system_prompt_history_options_and_keep_alive(server):
@@ -127,18 +132,19 @@ def test_scripted_replies():
 
 
 def test_closing_the_generator_cancels_server_side():
-    with OllamaProtocolServer("gpu-8b") as srv:
+    story = " ".join(f"word{i}" for i in range(100))  # ~1.7 s at 60 tokens/s
+    with OllamaProtocolServer("gpu-8b", script=Script([story, "Fine."])) as srv:
         chat = OllamaChat(make_client(srv.base_url, timeout_s=5), MODEL)
-        gen = chat.stream(user("tell me a long story about the sea"))
+        gen = chat.stream(user("tell me a long story"))
         got = [next(gen), next(gen)]
         gen.close()
-        assert got == ["You", " said:"]
+        assert got == ["word0", " word1"]
         (rec,) = srv.chat_requests()
         assert rec.finished.wait(2), "the server kept generating after the client left"
         assert rec.client_disconnected
-        assert rec.tokens_sent <= 4 < rec.tokens_planned
+        assert rec.tokens_sent < 20 < rec.tokens_planned == 100
         # The stage still works after a cancelled turn.
-        assert "".join(chat.stream(user("again"))) == echo_reply("again")
+        assert "".join(chat.stream(user("again"))) == "Fine."
 
 
 def test_twenty_concurrent_streams():
