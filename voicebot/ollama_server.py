@@ -158,7 +158,8 @@ class OllamaProtocolServer:
     """An Ollama-compatible HTTP server on loopback, scripted and paced by a profile.
 
     ``models=None`` accepts any model name; a collection restricts the "pulled" models so
-    others get Ollama's 404. ``requests`` lists every request received, in order.
+    others get Ollama's 404. ``requests`` lists the requests received, in order (the last
+    ``max_recorded``). Faults other than ``down`` affect ``/api/chat`` only.
     """
 
     def __init__(
@@ -174,8 +175,13 @@ class OllamaProtocolServer:
         slow_min_s: float = 2.0,
         fault_after_tokens: int = 3,
         load_s: float = 0.0,
+        max_recorded: int = 10_000,
     ) -> None:
-        self.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        if isinstance(profile, str):
+            if profile not in PROFILES:
+                raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+            profile = PROFILES[profile]
+        self.profile = profile
         self.script = script or Script()
         self.models: set[str] | None = (
             None if models is None else {normalize_model(m) for m in models}
@@ -186,6 +192,7 @@ class OllamaProtocolServer:
         self.slow_min_s = slow_min_s
         self.fault_after_tokens = fault_after_tokens
         self.load_s = load_s
+        self.max_recorded = max_recorded
         self.requests: list[RecordedRequest] = []
         self._lock = threading.RLock()
         self._fault: Fault = "ok"
@@ -293,6 +300,9 @@ class OllamaProtocolServer:
     def _record(self, rec: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(rec)
+            # A long-running standalone server must not grow without bound.
+            if len(self.requests) > self.max_recorded:
+                del self.requests[: len(self.requests) - self.max_recorded]
 
     def _has_model(self, name: str) -> bool:
         with self._lock:
