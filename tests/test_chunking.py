@@ -406,6 +406,8 @@ def test_language_tags_accept_regions() -> None:
         ("```python", ""),
         ("こんにちは😊！", "こんにちは！"),
         ("3 * 4 = 12", "3 4 = 12"),
+        ("| Tokyo | 7 pm |", "Tokyo 7 pm"),
+        ("|---|:---:|", "---:---:"),
     ],
 )
 def test_clean_for_speech(raw: str, clean: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,20 @@ def test_piper_length_scale(joe_voice_path: Path, piper_joe: PiperSynthesizer, t
     normal = sum(duration_s(p) for p in piper_joe.synthesize(text))
     slower = sum(duration_s(p) for p in slow.synthesize(text))
     assert slower > normal * 1.3
+
+
+def test_piper_japanese_voice_goes_through_openjtalk(joe_voice_path: Path, tmp_path: Path) -> None:
+    # No Japanese piper voice is packaged offline: joe's weights under a config that says
+    # Japanese exercise piper's OpenJTalk phonemizer (the sound itself is meaningless).
+    config = json.loads(Path(f"{joe_voice_path}.json").read_text())
+    config.update(phoneme_type="japanese", espeak={"voice": "ja"})
+    (tmp_path / "ja_JP-test-medium.onnx").symlink_to(joe_voice_path)
+    (tmp_path / "ja_JP-test-medium.onnx.json").write_text(json.dumps(config))
+    synth = PiperSynthesizer("ja_JP-test-medium", voices_dir=tmp_path)
+    synth.warm_up()
+    pieces = list(synth.synthesize("こんにちは。明日の7時に、3名様で伺います。"))
+    assert len(pieces) == 2
+    assert all(rate == 22050 and rms(samples) > 0.01 for rate, samples in pieces)
 
 
 def test_resolve_local_path(joe_voice_path: Path, tmp_path: Path) -> None:

@@ -279,6 +279,8 @@ def clean_for_speech(text: str) -> str:
     text = _UNDERSCORE_EMPHASIS.sub(r"\1", text)
     # Asterisks and backticks are never read aloud; a chunk may hold just one half of a pair.
     text = text.replace("*", "").replace("`", "")
+    # Table cells: "| a | b |" reads as "a b"; a "|---|" rule leaves nothing to say.
+    text = text.replace("|", " ")
     text = _EMOJI.sub("", text)
     text = _SPACES.sub(" ", text).strip()
     # A removed URL or emoji leaves "or ." behind.

@@ -148,7 +148,8 @@ class PiperSynthesizer:
 
     def warm_up(self) -> None:
         """Run one short synthesis so the first real reply does not pay for initialisation."""
-        for _ in self.synthesize("Hello."):
+        japanese = self._voice.config.espeak_voice.startswith("ja")
+        for _ in self.synthesize("こんにちは。" if japanese else "Hello."):
             pass
 
     def synthesize(self, text: str) -> Iterator[MonoAudio]:
