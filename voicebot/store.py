@@ -133,26 +133,35 @@ def conversation_end_record(conversation_id: UUID, ended_at: datetime) -> Record
     return {"kind": "conversation_end", "id": str(conversation_id), "ended_at": _iso(ended_at)}
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None else float(value)  # numpy scalars are not JSON
+
+
+def _opt_str(value: str | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def turn_record(turn: Turn) -> Record:
+    """A snapshot of the turn (later changes to the object do not affect what is stored)."""
     t = turn.timings
     return {
         "kind": "turn",
         "id": str(turn.turn_id),
         "conversation_id": str(turn.conversation_id),
-        "seq": turn.sequence,
-        "user_text": turn.user_text,
-        "assistant_text": turn.assistant_text,
-        "interrupted": turn.interrupted,
-        "error": turn.error,
-        "endpoint_ms": t.endpoint_ms,
-        "stt_ms": t.stt_ms,
-        "llm_ttft_ms": t.llm_ttft_ms,
-        "tts_first_ms": t.tts_first_ms,
-        "v2v_ms": t.v2v_ms,
-        "bargein_stop_ms": t.bargein_stop_ms,
-        "stt_model": turn.stt_model,
-        "llm_model": turn.llm_model,
-        "tts_model": turn.tts_model,
+        "seq": int(turn.sequence),
+        "user_text": str(turn.user_text),
+        "assistant_text": str(turn.assistant_text),
+        "interrupted": bool(turn.interrupted),
+        "error": _opt_str(turn.error),
+        "endpoint_ms": _ms(t.endpoint_ms),
+        "stt_ms": _ms(t.stt_ms),
+        "llm_ttft_ms": _ms(t.llm_ttft_ms),
+        "tts_first_ms": _ms(t.tts_first_ms),
+        "v2v_ms": _ms(t.v2v_ms),
+        "bargein_stop_ms": _ms(t.bargein_stop_ms),
+        "stt_model": _opt_str(turn.stt_model),
+        "llm_model": _opt_str(turn.llm_model),
+        "tts_model": _opt_str(turn.tts_model),
         "started_at": _iso(turn.started_at),
         "ended_at": _iso(turn.ended_at),
     }
@@ -277,7 +286,7 @@ class Spool:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     try:
@@ -373,6 +382,9 @@ def _fsync_dir(directory: Path) -> None:
 
 # --- the store ---------------------------------------------------------------------------------
 
+_WAKE: Record = {"kind": "wake"}
+"""Put on the queue by close() to wake the writer; never written."""
+
 
 class PostgresTurnStore:
     """TurnStore writing behind the caller into PostgreSQL, spooling while it is unreachable.
@@ -444,17 +456,20 @@ class PostgresTurnStore:
         atexit.unregister(self._at_exit)
         self._closing.set()
         if self._thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_WAKE)  # wake an idle writer now
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 with self._inflight_lock:
                     inflight = list(self._inflight)  # may also commit later: replays are idempotent
                 queued = self._drain_queue()
+                leftover = [r for r in inflight + queued if r is not _WAKE]
                 logger.warning(
                     "store writer did not finish within %.1f s; spooling %d records",
                     timeout_s,
-                    len(inflight) + len(queued),
+                    len(leftover),
                 )
-                self._spool(inflight + queued)
+                self._spool(leftover)
                 for _ in queued:
                     self._queue.task_done()
         else:
@@ -548,7 +563,7 @@ class PostgresTurnStore:
         try:
             self.spool.append(records)
             self._count("spooled", len(records))
-        except OSError:
+        except Exception:
             logger.exception(
                 "cannot write the spool %s: %d records are lost", self.spool.path, len(records)
             )
@@ -567,9 +582,10 @@ class PostgresTurnStore:
             closing = self._closing.is_set()
             try:
                 first = self._queue.get(timeout=0.05 if closing else 0.5)
-                batch = [first, *self._drain_queue(self._batch_size - 1)]
+                taken = [first, *self._drain_queue(self._batch_size - 1)]
             except queue.Empty:
-                batch = []
+                taken = []
+            batch = [r for r in taken if r is not _WAKE]
             with self._inflight_lock:
                 self._inflight = batch
             try:
@@ -597,7 +613,7 @@ class PostgresTurnStore:
             finally:
                 with self._inflight_lock:
                     self._inflight = []
-                for _ in batch:
+                for _ in taken:
                     self._queue.task_done()
             if closing and not batch and self._queue.empty():
                 return
