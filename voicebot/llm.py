@@ -214,14 +214,16 @@ def build_messages(
 ) -> list[Message]:
     """System prompt, then the last ``max_history_messages`` of history, then the user.
 
-    The window never opens on an assistant message: a reply without its question misleads
+    A cut window never opens on an assistant message: a reply without its question misleads
     the model. System messages inside ``history`` are dropped (the prompt is always first).
     """
     if max_history_messages < 0:
         raise ValueError("max_history_messages must be >= 0")
     turns = [m for m in history if m.role != "system"]
     window = turns[len(turns) - max_history_messages :] if max_history_messages else []
-    while window and window[0].role == "assistant":
+    # A cut window must not open on a reply without its question; the whole history may
+    # (the greeting).
+    while len(window) < len(turns) and window and window[0].role == "assistant":
         window = window[1:]
     messages = [Message("system", system_prompt)] if system_prompt else []
     return [*messages, *window, Message("user", user_text)]

@@ -1,0 +1,190 @@
+"""Composition root: the only place that builds real models, clients and the FastRTC stream."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from voicebot.errors import ConfigError, StageError, VoicebotError
+from voicebot.personas import Persona, load_personas
+from voicebot.runtime import PersonaStack, Runtime
+from voicebot.settings import Settings
+from voicebot.turns import TurnConfig
+
+if TYPE_CHECKING:
+    from voicebot.store import TurnStore
+
+logger = logging.getLogger(__name__)
+
+
+def turn_config(settings: Settings) -> TurnConfig:
+    """The turn-taking parameters from the settings."""
+    return TurnConfig(
+        threshold=settings.vad_threshold,
+        min_speech_ms=settings.min_speech_ms,
+        end_silence_ms=settings.end_silence_ms,
+        pre_roll_ms=settings.pre_roll_ms,
+        max_utterance_s=settings.max_utterance_s,
+        bargein_min_speech_ms=settings.bargein_min_speech_ms,
+    )
+
+
+def select_personas(settings: Settings, names: Iterable[str] | None) -> dict[str, Persona]:
+    """The personas to load: the named ones (default persona first), or all of them."""
+    personas = load_personas(settings.personas_dir)
+    wanted = list(names) if names is not None else list(personas)
+    if settings.persona not in wanted:
+        wanted.insert(0, settings.persona)
+    missing = [n for n in wanted if n not in personas]
+    if missing:
+        raise ConfigError(
+            f"unknown persona {', '.join(missing)}: choose one of {', '.join(sorted(personas))} "
+            f"(files in {settings.personas_dir})"
+        )
+    return {name: personas[name] for name in wanted}
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    personas: Iterable[str] | None = None,
+    store: TurnStore | None = None,
+    warm_up: bool = True,
+) -> Runtime:
+    """Load every model the selected personas need, once, and warm them up in parallel."""
+    from voicebot.llm import OllamaChat, make_client
+    from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
+    from voicebot.tts import VoiceBank
+    from voicebot.vad import SileroVad
+
+    started = time.monotonic()
+    selected = select_personas(settings, personas)
+    device, _ = resolve_device(settings.device)
+    vad = SileroVad()
+    transcribers: dict[str, WhisperTranscriber] = {}
+    voices = VoiceBank(settings.voices_dir, settings.cache_dir)
+    client = make_client(
+        settings.ollama_host,
+        timeout_s=settings.llm_timeout_s,
+        connect_timeout_s=settings.llm_connect_timeout_s,
+    )
+    stacks: dict[str, PersonaStack] = {}
+    for name, persona in selected.items():
+        model = settings.stt_model or default_model_name(device, persona.language)
+        if model not in transcribers:
+            transcribers[model] = WhisperTranscriber(
+                model,
+                device=settings.device,
+                compute_type=settings.stt_compute_type,
+                cpu_threads=settings.stt_cpu_threads,
+            )
+        voice = persona.tts_voice
+        if settings.tts_voice and persona.tts == "piper":
+            voice = settings.tts_voice
+        stacks[name] = PersonaStack(
+            persona=persona,
+            transcriber=transcribers[model],
+            chat=OllamaChat(
+                client,
+                persona.llm_model,
+                options=persona.sampling.as_options(),
+                keep_alive=settings.llm_keep_alive,
+            ),
+            synthesizer=voices.get(persona.tts, voice),
+        )
+    if warm_up:
+        _warm_up(stacks.values())
+    logger.info(
+        "models ready in %.1f s: stt %s; personas %s",
+        time.monotonic() - started,
+        ", ".join(transcribers),
+        ", ".join(stacks),
+    )
+    return Runtime(
+        vad=vad,
+        stacks=stacks,
+        turn_config=turn_config(settings),
+        default_persona=settings.persona,
+        store=store,
+    )
+
+
+def _warm_up(stacks: Iterable[PersonaStack]) -> None:
+    """Run one tiny request through each model so the first call does not pay for loading."""
+    tasks: dict[int, Any] = {}
+    for stack in stacks:
+        for part in (stack.transcriber, stack.synthesizer, stack.chat):
+            warm = getattr(part, "warm_up", None)
+            if warm is not None:
+                tasks.setdefault(id(part), warm)
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="warm-up") as pool:
+        futures = [pool.submit(task) for task in tasks.values()]
+        for future in futures:
+            try:
+                future.result()
+            except StageError as e:
+                # Ollama may come up later; the call apologizes until then and doctor says why.
+                logger.warning("warm-up: %s", e)
+
+
+def build_stream(runtime: Runtime, settings: Settings) -> Any:
+    """The FastRTC stream with its Gradio page: persona picker, audio, transcript, latencies."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    from fastrtc import Stream
+
+    from voicebot.handler import VoiceHandler
+    from voicebot.ui import on_turn_update
+
+    choices = [(stack.persona.display_name, name) for name, stack in runtime.stacks.items()]
+    handler = VoiceHandler(runtime, channel="web", persona_from_ui=True)
+    return Stream(
+        handler,
+        modality="audio",
+        mode="send-receive",
+        concurrency_limit=settings.concurrency_limit,
+        time_limit=settings.time_limit_s,
+        additional_inputs=[
+            gr.Dropdown(choices=choices, value=runtime.default_persona, label="Persona")
+        ],
+        additional_outputs=[
+            gr.Chatbot(type="messages", label="Transcript", height=420),
+            gr.Markdown(label="Latency per turn"),
+        ],
+        additional_outputs_handler=on_turn_update,
+        ui_args={
+            "title": "voicebot",
+            "subtitle": "Local voice agent: speak, and interrupt whenever you like.",
+        },
+    )
+
+
+def launch_ui(settings: Settings, runtime: Runtime) -> None:
+    """Serve the Gradio page (blocks until interrupted)."""
+    stream = build_stream(runtime, settings)
+    url = f"http://{settings.host}:{settings.port}"
+    logger.info("voicebot UI on %s", url)
+    stream.ui.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=False,
+        show_api=False,
+        quiet=True,
+        prevent_thread_lock=False,
+    )
+
+
+__all__ = [
+    "ConfigError",
+    "VoicebotError",
+    "build_runtime",
+    "build_stream",
+    "launch_ui",
+    "turn_config",
+]

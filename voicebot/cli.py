@@ -1,0 +1,199 @@
+"""The ``voicebot`` command line: ui, simulate, doctor, and the tools built on them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from voicebot.errors import VoicebotError
+from voicebot.settings import Settings
+
+app = typer.Typer(
+    help="voicebot: a local, real-time voice agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+logger = logging.getLogger("voicebot")
+
+PersonaOpt = Annotated[
+    str | None, typer.Option("--persona", help="Persona name (a file in personas/).")
+]
+SttModelOpt = Annotated[
+    str | None,
+    typer.Option("--stt-model", help="faster-whisper size name or local CTranslate2 directory."),
+]
+TtsVoiceOpt = Annotated[
+    str | None,
+    typer.Option("--tts-voice", help="Piper voice name or local .onnx path (overrides persona)."),
+]
+OllamaHostOpt = Annotated[
+    str | None, typer.Option("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST).")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu or cuda: where STT runs.")
+]
+ConversationOpt = Annotated[
+    str | None, typer.Option("--conversation", help="Continue this earlier conversation (id).")
+]
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the CLI flags that were given on top."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**values)
+    except Exception as e:  # pydantic's message names the field
+        raise VoicebotError(f"invalid setting: {e}") from e
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
+) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def ui(
+    persona: PersonaOpt = None,
+    stt_model: SttModelOpt = None,
+    tts_voice: TtsVoiceOpt = None,
+    ollama_host: OllamaHostOpt = None,
+    device: DeviceOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+) -> None:
+    """The main job: the voice agent's web page (default http://127.0.0.1:7860)."""
+    from voicebot.app import build_runtime, launch_ui
+
+    try:
+        settings = make_settings(
+            persona=persona,
+            stt_model=stt_model,
+            tts_voice=tts_voice,
+            ollama_host=ollama_host,
+            device=device,
+            host=host,
+            port=port,
+        )
+        runtime = build_runtime(settings)
+    except VoicebotError as e:
+        _fail(e)
+        return
+    typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
+    launch_ui(settings, runtime)
+
+
+@app.command()
+def simulate(
+    wav: Annotated[Path, typer.Argument(help="The caller's audio (WAV, any rate).")],
+    persona: PersonaOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the agent's audio on the input timeline.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per turn.")] = False,
+    greet: Annotated[bool, typer.Option(help="Speak the persona's greeting first.")] = False,
+    stt_model: SttModelOpt = None,
+    tts_voice: TtsVoiceOpt = None,
+    ollama_host: OllamaHostOpt = None,
+    device: DeviceOpt = None,
+    conversation: ConversationOpt = None,
+) -> None:
+    """Run a recording through the same handler as a call, at real-time pace."""
+    import soundfile
+
+    from voicebot.app import build_runtime
+    from voicebot.simulate import simulate_call, turn_record
+
+    try:
+        settings = make_settings(
+            persona=persona,
+            stt_model=stt_model,
+            tts_voice=tts_voice,
+            ollama_host=ollama_host,
+            device=device,
+        )
+        conversation_id = uuid.UUID(conversation) if conversation else None
+        samples, rate = soundfile.read(str(wav), dtype="float32", always_2d=False)
+        runtime = build_runtime(settings, personas=[settings.persona])
+    except (VoicebotError, OSError, ValueError, RuntimeError) as e:
+        _fail(e)
+        return
+    result = simulate_call(
+        runtime,
+        (int(rate), samples),
+        persona=settings.persona,
+        conversation_id=conversation_id,
+        greet=greet,
+    )
+    for turn in result.turns:
+        record = turn_record(turn)
+        if as_json:
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            t = record["timings"]
+            typer.echo(f"[{turn.sequence}] you: {turn.user_text}")
+            typer.echo(f"    agent: {turn.assistant_text}{' (interrupted)' if turn.interrupted else ''}")
+            typer.echo(
+                "    "
+                + "  ".join(f"{k.removesuffix('_ms')} {v:.0f} ms" for k, v in t.items() if v is not None)
+            )
+    if out is not None:
+        rate_out, audio = result.reply_audio
+        soundfile.write(str(out), audio, rate_out)
+
+
+@app.command()
+def doctor(
+    persona: PersonaOpt = None,
+    stt_model: SttModelOpt = None,
+    tts_voice: TtsVoiceOpt = None,
+    ollama_host: OllamaHostOpt = None,
+    device: DeviceOpt = None,
+    pull: Annotated[bool, typer.Option(help="Offer to pull missing Ollama models.")] = False,
+) -> None:
+    """Check every dependency and say what is missing; non-zero exit if anything is."""
+    from voicebot.doctor import run_checks
+
+    try:
+        settings = make_settings(
+            persona=persona,
+            stt_model=stt_model,
+            tts_voice=tts_voice,
+            ollama_host=ollama_host,
+            device=device,
+        )
+    except VoicebotError as e:
+        _fail(e)
+        return
+    ok = True
+    for check in run_checks(settings, pull=pull, interactive=sys.stdin.isatty()):
+        mark = "ok " if check.ok else "MISSING"
+        typer.echo(f"[{mark}] {check.name}: {check.detail}")
+        ok = ok and check.ok
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

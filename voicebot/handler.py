@@ -1,0 +1,585 @@
+"""The call: our FastRTC stream handler, wiring turn-taking to STT → LLM → chunking → TTS.
+
+Threads, per call:
+- FastRTC calls ``receive`` (one worker thread at a time) with input frames: VAD and the turn
+  state machine run there (well under 1 ms per 32 ms window).
+- A finished user turn starts a reply on its own thread: STT, then the LLM stream, cut into
+  speakable chunks that go to a TTS thread, whose audio goes into the playback buffer while the
+  LLM keeps generating.
+- FastRTC calls ``emit`` (one worker thread at a time), which hands out 20 ms frames at playback
+  pace, only a little ahead of real time, so a barge-in can drop what is queued at once and
+  we know which part of the reply the user actually heard.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.signal  # noqa: F401  (resampling: load it with the handler, not on the first reply)
+from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
+
+from voicebot.audio import Audio, Samples, resample, to_mono_float32
+from voicebot.chunking import Chunker
+from voicebot.conversation import Channel, Conversation, Message, Timings, Turn, utc_now
+from voicebot.errors import StageError
+from voicebot.llm import build_messages
+from voicebot.runtime import PersonaStack, Runtime
+from voicebot.turns import BargeIn, EndCandidate, SpeechStarted, TurnDetector, UserTurn
+from voicebot.vad import VAD_SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_RATE = 24000
+FRAME_SAMPLES = OUTPUT_RATE // 50  # 20 ms
+FRAME_S = FRAME_SAMPLES / OUTPUT_RATE
+PLAYBACK_LEAD_S = 0.06
+"""How far ahead of real time audio is handed to FastRTC: enough to ride out scheduling
+jitter, little enough that a barge-in silences the agent within a frame or three."""
+EMIT_WAIT_S = 0.01
+
+
+@dataclass
+class TurnUpdate:
+    """What the UI shows for a turn: sent as FastRTC ``AdditionalOutputs``."""
+
+    turn: Turn
+    final: bool
+
+
+@dataclass
+class _Chunk:
+    text: str
+    pushed: int = 0  # output samples synthesized
+    played: int = 0  # output samples handed out by emit()
+    done: bool = False  # synthesis finished
+
+
+@dataclass
+class _Reply:
+    """One agent reply in flight."""
+
+    turn: Turn | None  # None for the greeting
+    joiner: str = " "  # between chunks: a space in English, nothing in Japanese
+    speech_end_t: float | None = None
+    user_audio: Samples | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    chunks: list[_Chunk] = field(default_factory=list)
+    first_audio_t: float | None = None
+    last_frame_t: float | None = None
+    producing: bool = True  # STT/LLM/TTS still at work
+    finished: bool = False  # recorded; nothing more to do
+
+    def played_text(self) -> str:
+        """The part of the reply the user heard: whole chunks, then a prefix of the last one."""
+        parts: list[str] = []
+        for chunk in self.chunks:
+            if chunk.played == 0:
+                break
+            if chunk.done and chunk.played >= chunk.pushed:
+                parts.append(chunk.text)
+                continue
+            fraction = chunk.played / max(chunk.pushed, 1)
+            if not chunk.done:
+                fraction *= 0.5  # more audio is coming for this chunk: be conservative
+            cut = int(len(chunk.text) * fraction)
+            prefix = chunk.text[:cut]
+            if self.joiner:  # cut at a word boundary
+                prefix = prefix.rsplit(" ", 1)[0] if " " in prefix else ""
+            if prefix:
+                parts.append(prefix + "…")
+            break
+        return self.joiner.join(parts)
+
+
+@dataclass
+class _Frame:
+    reply: _Reply
+    chunk: _Chunk
+    samples: Samples
+
+
+class VoiceHandler(StreamHandler):
+    """One call's turn-taking and reply pipeline; ``copy()`` makes the next call's handler."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        channel: Channel = "web",
+        persona: str | None = None,
+        persona_from_ui: bool = False,
+        conversation_id: uuid.UUID | None = None,
+        history: list[Message] | None = None,
+        greet: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(
+            expected_layout="mono",
+            output_sample_rate=OUTPUT_RATE,
+            input_sample_rate=VAD_SAMPLE_RATE,
+        )
+        self.runtime = runtime
+        self.channel_kind: Channel = channel
+        self.persona_name = persona or runtime.default_persona
+        self.persona_from_ui = persona_from_ui
+        self.conversation_id = conversation_id or uuid.uuid4()
+        self.history: list[Message] = list(history or [])
+        self.greet = greet
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._stack: PersonaStack = runtime.stack(self.persona_name)
+        self._detector = TurnDetector(runtime.turn_config, runtime.vad.stream())
+        self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
+        self._frames: deque[_Frame] = deque()
+        self._outputs: deque[Any] = deque()
+        self._reply: _Reply | None = None
+        self._carry_audio: Samples | None = None
+        self._speculative: tuple[int, Future[str]] | None = None
+        self._play_t0: float | None = None
+        self._play_count = 0
+        self._sequence = 0
+        self._started = False
+        self._closed = False
+        self._close_message: str | None = None
+        self.completed_turns: list[Turn] = []
+
+    # ------------------------------------------------------------------ FastRTC interface
+
+    def copy(self) -> VoiceHandler:
+        """A fresh handler for the next connection, sharing the process-wide runtime."""
+        return VoiceHandler(
+            self.runtime,
+            channel=self.channel_kind,
+            persona=self.persona_name,
+            persona_from_ui=self.persona_from_ui,
+            greet=self.greet,
+            clock=self._clock,
+        )
+
+    def start_up(self) -> None:
+        """Pick the persona, open the conversation and speak the greeting."""
+        if self.persona_from_ui and not self.phone_mode:
+            self.wait_for_args_sync()
+            if len(self.latest_args) > 1 and isinstance(self.latest_args[1], str):
+                self.set_persona(self.latest_args[1])
+        self._open()
+
+    def _open(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        persona = self._stack.persona
+        if self.runtime.store is not None:
+            self.runtime.store.open_conversation(
+                Conversation(self.conversation_id, persona.name, self.channel_kind)
+            )
+        logger.info("call %s started with persona %s", self.conversation_id, persona.name)
+        if self.greet and persona.greeting and not self.history:
+            self._speak_canned(persona.greeting)
+
+    def set_persona(self, name: str) -> None:
+        """Switch persona (only before the call has started talking)."""
+        if name not in self.runtime.stacks:
+            logger.warning("unknown persona %r; keeping %s", name, self.persona_name)
+            return
+        self.persona_name = name
+        self._stack = self.runtime.stack(name)
+
+    def receive(self, frame: Audio) -> None:
+        """Take one input frame (any rate, int16 or float, mono or stereo)."""
+        if not self._started:
+            self._open()
+        try:
+            rate, samples = to_mono_float32(frame)
+        except ValueError as e:
+            logger.warning("dropping an input frame: %s", e)
+            return
+        samples = resample(samples, rate, VAD_SAMPLE_RATE)
+        now = self._clock()
+        with self._lock:
+            agent_speaking = self._agent_audible()
+        events = self._detector.push(samples, agent_speaking=agent_speaking)
+        self._frame_times.append((self._detector.samples_seen + 0, now))
+        for event in events:
+            if isinstance(event, BargeIn):
+                self._on_barge_in(event)
+            elif isinstance(event, EndCandidate):
+                self._on_end_candidate(event)
+            elif isinstance(event, UserTurn):
+                self._on_user_turn(event, now)
+            elif isinstance(event, SpeechStarted):
+                self._on_speech_started()
+
+    def emit(self) -> Any:
+        """The next 20 ms of agent audio when due, a transcript update, or None."""
+        deadline = self._clock() + EMIT_WAIT_S
+        with self._lock:
+            while True:
+                if self._outputs:
+                    return AdditionalOutputs(self._outputs.popleft())
+                if self._close_message is not None and not self._frames and self._reply is None:
+                    message, self._close_message = self._close_message, None
+                    return CloseStream(message)
+                now = self._clock()
+                if self._frames:
+                    if self._play_t0 is None or now > self._next_due() + 0.2:
+                        # A new stretch of speech: its clock starts now.
+                        self._play_t0, self._play_count = now, 0
+                    due = self._next_due()
+                    if due <= now:
+                        return self._pop_frame(now)
+                    wait = min(due, deadline) - now
+                else:
+                    self._finish_replies_locked()
+                    if self._outputs:
+                        continue
+                    wait = deadline - now
+                if wait <= 0 or self._closed:
+                    return None
+                self._lock.wait(wait)
+
+    def shutdown(self) -> None:
+        """The client went away: stop generating at once and close the conversation."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            reply = self._reply
+            self._frames.clear()
+            self._lock.notify_all()
+        if reply is not None and not reply.finished:
+            reply.cancel.set()
+            self._finalize(reply, interrupted=True)
+        if self.runtime.store is not None and self._started:
+            self.runtime.store.close_conversation(self.conversation_id, utc_now())
+        logger.info("call %s ended", self.conversation_id)
+
+    def end_call(self, message: str = "") -> None:
+        """Say ``message`` (if any), then close the stream."""
+        if message:
+            self._speak_canned(message)
+        with self._lock:
+            self._close_message = message or "call ended"
+            self._lock.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing being said or prepared, and every update handed out."""
+        with self._lock:
+            return self._reply is None and not self._frames and not self._outputs
+
+    # ------------------------------------------------------------------ playback
+
+    def _next_due(self) -> float:
+        assert self._play_t0 is not None
+        return self._play_t0 + self._play_count * FRAME_S - PLAYBACK_LEAD_S
+
+    def _pop_frame(self, now: float) -> tuple[int, Samples]:
+        frame = self._frames.popleft()
+        self._play_count += 1
+        frame.chunk.played += frame.samples.size
+        reply = frame.reply
+        if reply.first_audio_t is None:
+            reply.first_audio_t = now
+            if reply.turn is not None and reply.speech_end_t is not None:
+                reply.turn.timings.v2v_ms = (now - reply.speech_end_t) * 1000
+        reply.last_frame_t = now
+        self._lock.notify_all()
+        return OUTPUT_RATE, frame.samples
+
+    def _agent_audible(self) -> bool:
+        return bool(self._frames)
+
+    def _push_audio(self, reply: _Reply, chunk: _Chunk, samples: Samples) -> bool:
+        """Queue synthesized audio as 20 ms frames; False once the reply is cancelled."""
+        with self._lock:
+            if reply.cancel.is_set() or self._closed:
+                return False
+            for start in range(0, samples.size, FRAME_SAMPLES):
+                piece = samples[start : start + FRAME_SAMPLES]
+                if piece.size < FRAME_SAMPLES:
+                    piece = np.pad(piece, (0, FRAME_SAMPLES - piece.size))
+                self._frames.append(_Frame(reply, chunk, piece))
+                chunk.pushed += piece.size
+            self._lock.notify_all()
+        return True
+
+    def _finish_replies_locked(self) -> None:
+        # Called with the (reentrant) lock held once everything queued has been played.
+        reply = self._reply
+        if reply is not None and not reply.producing and not reply.finished:
+            self._finalize(reply, interrupted=False)
+
+    # ------------------------------------------------------------------ turn events
+
+    def _wall_time(self, sample: int) -> float:
+        """When the frame holding ``sample`` arrived."""
+        for end_sample, t in self._frame_times:
+            if end_sample >= sample:
+                return t
+        return self._clock()
+
+    def _on_speech_started(self) -> None:
+        # The user talks again before the agent said anything: the last turn was not over
+        # (a mid-sentence pause). Drop the pending reply and carry its audio into this turn.
+        with self._lock:
+            reply = self._reply
+            pending = reply is not None and reply.producing and reply.first_audio_t is None
+        if pending and reply is not None and reply.turn is not None:
+            logger.debug("speech resumed before the reply started: merging turns")
+            reply.cancel.set()
+            with self._lock:
+                reply.finished = True
+                self._reply = None
+            self._carry_audio = reply.user_audio
+
+    def _on_end_candidate(self, event: EndCandidate) -> None:
+        stack = self._stack
+        audio = self._with_carry(event.audio)
+        future: Future[str] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(
+                    stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), stack.persona.language)
+                )
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="stt-speculative", daemon=True).start()
+        self._speculative = (event.speech_end_sample, future)
+
+    def _with_carry(self, audio: Samples) -> Samples:
+        if self._carry_audio is None:
+            return audio
+        return np.concatenate((self._carry_audio, audio))
+
+    def _on_barge_in(self, event: BargeIn) -> None:
+        start_t = self._wall_time(event.start_sample)
+        with self._lock:
+            reply = self._reply
+            if reply is None or not self._frames:
+                return
+            reply.cancel.set()
+            self._frames.clear()
+            self._lock.notify_all()
+        clear_queue = self._clear_queue
+        if clear_queue is not None:
+            clear_queue()
+        stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
+        if reply.turn is not None:
+            reply.turn.timings.bargein_stop_ms = max(0.0, (stop_t - start_t) * 1000)
+        logger.info("barge-in: agent stopped")
+        self._finalize(reply, interrupted=True)
+
+    def _on_user_turn(self, event: UserTurn, closed_t: float) -> None:
+        speech_end_t = self._wall_time(event.speech_end_sample)
+        audio = self._with_carry(event.audio)
+        self._carry_audio = None
+        speculative = None
+        if self._speculative is not None and self._speculative[0] == event.speech_end_sample:
+            speculative = self._speculative[1]
+        self._speculative = None
+        with self._lock:
+            previous = self._reply
+        if previous is not None and not previous.finished:
+            previous.cancel.set()
+            with self._lock:
+                self._frames.clear()
+            self._finalize(previous, interrupted=True)
+        stack = self._stack
+        turn = Turn(
+            conversation_id=self.conversation_id,
+            sequence=0,  # numbered once the transcript shows it is a real turn
+            user_text="",
+            timings=Timings(endpoint_ms=(closed_t - speech_end_t) * 1000),
+            stt_model=stack.transcriber.name,
+            llm_model=stack.chat.name,
+            tts_model=stack.synthesizer.name,
+        )
+        reply = _Reply(
+            turn=turn,
+            joiner=_joiner(stack),
+            speech_end_t=speech_end_t,
+            user_audio=audio,
+        )
+        with self._lock:
+            self._reply = reply
+        threading.Thread(
+            target=self._run_reply,
+            args=(reply, stack, audio, speculative),
+            name="reply",
+            daemon=True,
+        ).start()
+
+    # ------------------------------------------------------------------ the reply pipeline
+
+    def _run_reply(
+        self, reply: _Reply, stack: PersonaStack, audio: Samples, speculative: Future[str] | None
+    ) -> None:
+        turn = reply.turn
+        assert turn is not None
+        persona = stack.persona
+        try:
+            started = self._clock()
+            if speculative is not None:
+                text = speculative.result()
+            else:
+                text = stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), persona.language)
+            turn.timings.stt_ms = (self._clock() - started) * 1000
+        except StageError as e:
+            logger.error("transcription failed: %s", e)
+            turn.error = str(e)
+            self._speak_into(reply, stack, [persona.apology])
+            return
+        except Exception as e:  # a bug in a stage must not end the call
+            logger.exception("transcription failed")
+            turn.error = f"stt: {e}"
+            self._speak_into(reply, stack, [persona.apology])
+            return
+        turn.user_text = text.strip()
+        with self._lock:
+            if not turn.user_text or reply.cancel.is_set():
+                reply.producing = False
+                reply.finished = True
+                if self._reply is reply:
+                    self._reply = None
+                logger.debug("empty transcript or superseded turn: no reply")
+                return
+            self._sequence += 1
+            turn.sequence = self._sequence
+        self._publish(turn, final=False)
+        messages = build_messages(
+            persona.system_prompt, self.history, turn.user_text, persona.history_turns * 2
+        )
+        self._speak_into(reply, stack, self._llm_chunks(reply, stack, messages))
+
+    def _llm_chunks(
+        self, reply: _Reply, stack: PersonaStack, messages: list[Message]
+    ) -> Any:
+        """Speakable chunks from the LLM stream; on failure, the persona's apology."""
+        turn = reply.turn
+        assert turn is not None
+        chunker = Chunker(language=stack.persona.language)
+        sent = self._clock()
+        stream = stack.chat.stream(messages)
+        try:
+            for token in stream:
+                if reply.cancel.is_set():
+                    break
+                if turn.timings.llm_ttft_ms is None:
+                    turn.timings.llm_ttft_ms = (self._clock() - sent) * 1000
+                yield from chunker.feed(token)
+            else:
+                yield from chunker.flush()
+        except StageError as e:
+            logger.error("turn %d: %s", turn.sequence, e)
+            turn.error = str(e)
+            yield from chunker.flush()
+            yield stack.persona.apology
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # cancels the HTTP request when we stopped early
+
+    def _speak_into(self, reply: _Reply, stack: PersonaStack, chunks: Any) -> None:
+        """Synthesize chunks on a TTS thread while ``chunks`` keeps producing (pipelined)."""
+        pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=32)
+        synthesizer = stack.synthesizer
+
+        def synthesize() -> None:
+            while (chunk := pending.get()) is not None:
+                if reply.cancel.is_set():
+                    continue
+                ready = self._clock()
+                try:
+                    for rate, samples in synthesizer.synthesize(chunk.text):
+                        if reply.turn is not None and reply.turn.timings.tts_first_ms is None:
+                            reply.turn.timings.tts_first_ms = (self._clock() - ready) * 1000
+                        if not self._push_audio(reply, chunk, resample(samples, rate, OUTPUT_RATE)):
+                            break
+                except Exception as e:
+                    logger.error("tts failed on %r: %s", chunk.text[:40], e)
+                    if reply.turn is not None and reply.turn.error is None:
+                        reply.turn.error = str(e) if isinstance(e, StageError) else f"tts: {e}"
+                finally:
+                    chunk.done = True
+
+        worker = threading.Thread(target=synthesize, name="tts", daemon=True)
+        worker.start()
+        try:
+            for text in chunks:
+                if reply.cancel.is_set():
+                    break
+                chunk = _Chunk(text)
+                with self._lock:
+                    reply.chunks.append(chunk)
+                pending.put(chunk)
+        except Exception:
+            logger.exception("reply generation failed")
+        finally:
+            pending.put(None)
+            worker.join()
+            with self._lock:
+                reply.producing = False
+                self._lock.notify_all()
+
+    def _speak_canned(self, text: str) -> None:
+        """Speak a fixed line (greeting, goodbye) outside any user turn."""
+        reply = _Reply(turn=None, joiner=_joiner(self._stack))
+        with self._lock:
+            self._reply = reply
+        stack = self._stack
+        threading.Thread(
+            target=self._speak_into,
+            args=(reply, stack, [text]),
+            name="canned",
+            daemon=True,
+        ).start()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _finalize(self, reply: _Reply, *, interrupted: bool) -> None:
+        """Record what was actually played, once per reply."""
+        with self._lock:
+            if reply.finished:
+                return
+            reply.finished = True
+            if self._reply is reply:
+                self._reply = None
+            played = reply.played_text()
+        turn = reply.turn
+        if turn is None:  # the greeting
+            if played:
+                self.history.append(Message("assistant", played))
+            return
+        if not turn.user_text:
+            return
+        turn.assistant_text = played
+        turn.interrupted = interrupted
+        turn.ended_at = utc_now()
+        self.history.extend(turn.history_messages())
+        self.completed_turns.append(turn)
+        if self.runtime.store is not None:
+            self.runtime.store.record(turn)
+        self._publish(turn, final=True)
+
+    def _publish(self, turn: Turn, *, final: bool) -> None:
+        with self._lock:
+            self._outputs.append(TurnUpdate(replace(turn, timings=replace(turn.timings)), final))
+            self._lock.notify_all()
+
+
+def _joiner(stack: PersonaStack) -> str:
+    return "" if stack.persona.language == "ja" else " "

@@ -1,0 +1,49 @@
+"""What one process shares across all calls: loaded models, personas and the turn store.
+
+Built once at the composition root (``voicebot.app.build_runtime``) and handed to every call's
+stream handler; nothing in here is per connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from voicebot.llm import ChatModel
+from voicebot.personas import Persona
+from voicebot.stt import Transcriber
+from voicebot.tts import Synthesizer
+from voicebot.turns import TurnConfig
+from voicebot.vad import VoiceActivityModel
+
+if TYPE_CHECKING:
+    from voicebot.store import TurnStore
+
+
+@dataclass(frozen=True)
+class PersonaStack:
+    """A persona with the models that serve it."""
+
+    persona: Persona
+    transcriber: Transcriber
+    chat: ChatModel
+    synthesizer: Synthesizer
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Process-wide collaborators for the stream handler."""
+
+    vad: VoiceActivityModel
+    stacks: Mapping[str, PersonaStack]
+    turn_config: TurnConfig
+    default_persona: str
+    store: TurnStore | None = None
+
+    def stack(self, persona_name: str | None) -> PersonaStack:
+        """The stack for a persona name, falling back to the default persona."""
+        if persona_name and persona_name in self.stacks:
+            return self.stacks[persona_name]
+        return self.stacks[self.default_persona]

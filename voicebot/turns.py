@@ -1,0 +1,225 @@
+"""Turn-taking: a state machine over 32 ms VAD windows that finds where user turns start and end.
+
+Pure logic on the sample clock (16 kHz samples since the call started), no I/O and no wall
+clock, so it is exact and testable; the stream handler maps sample positions to wall time.
+
+Compared with FastRTC's ReplyOnPause, which looks for a pause every 0.6 s, every window is
+decided as it arrives: a turn ends ``end_silence_ms`` after the last voiced window, and a
+barge-in is reported ``bargein_min_speech_ms`` into the interrupting speech, not after it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from voicebot.audio import Samples
+from voicebot.vad import VAD_SAMPLE_RATE, WINDOW_SAMPLES, VadStream
+
+WINDOW_MS = WINDOW_SAMPLES * 1000 / VAD_SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """Endpointing parameters (see Settings for what each means)."""
+
+    threshold: float = 0.5
+    min_speech_ms: int = 96
+    end_silence_ms: int = 288
+    pre_roll_ms: int = 320
+    max_utterance_s: float = 30.0
+    bargein_min_speech_ms: int = 160
+    speculative_silence_ms: int = 128
+    """Silence after which the turn is offered for early transcription (0 = never)."""
+
+    @property
+    def release_threshold(self) -> float:
+        """Below this a window counts as silence once speech has started (hysteresis)."""
+        return max(self.threshold - 0.15, 0.01)
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The user started a turn; ``start_sample`` is the first voiced window's first sample."""
+
+    start_sample: int
+
+
+@dataclass(frozen=True)
+class BargeIn:
+    """Sustained speech while the agent is talking."""
+
+    start_sample: int
+    detected_sample: int
+    audio: Samples
+    """The interrupting speech so far (pre-roll included), for a quick look at what it is."""
+
+
+@dataclass(frozen=True)
+class EndCandidate:
+    """The user has paused long enough that the turn will probably end: transcribe early."""
+
+    audio: Samples
+    speech_end_sample: int
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """A finished user utterance at 16 kHz."""
+
+    audio: Samples
+    start_sample: int
+    speech_end_sample: int
+    """End of the last voiced window."""
+    closed_sample: int
+    """Where the turn was closed (speech end + silence, or the length cap)."""
+    truncated: bool = False
+    """Cut at the maximum utterance length."""
+
+
+TurnEvent = SpeechStarted | BargeIn | EndCandidate | UserTurn
+
+
+class TurnDetector:
+    """Feed 16 kHz mono float32 audio; get turn events back."""
+
+    def __init__(self, config: TurnConfig, vad: VadStream) -> None:
+        self._config = config
+        self._vad = vad
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._sample = 0  # samples consumed by the VAD so far
+        pre_roll_windows = max(1, round(config.pre_roll_ms / WINDOW_MS))
+        self._pre_roll: deque[Samples] = deque(maxlen=pre_roll_windows)
+        self._min_speech_windows = max(1, round(config.min_speech_ms / WINDOW_MS))
+        self._end_silence_windows = max(1, round(config.end_silence_ms / WINDOW_MS))
+        self._bargein_windows = max(1, round(config.bargein_min_speech_ms / WINDOW_MS))
+        spec = config.speculative_silence_ms
+        self._speculative_windows = round(spec / WINDOW_MS) if spec > 0 else 0
+        self._max_windows = max(1, int(config.max_utterance_s * 1000 / WINDOW_MS))
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self._in_speech = False
+        self._started = False  # min speech reached: a real turn
+        self._voiced_run = 0
+        self._voiced_total = 0
+        self._silence_run = 0
+        self._windows: list[Samples] = []
+        self._start_sample = 0
+        self._last_voiced_end = 0
+        self._bargein_sent = False
+        self._candidate_sent = False
+
+    @property
+    def in_speech(self) -> bool:
+        """Whether the user is in the middle of a (started) turn."""
+        return self._started
+
+    @property
+    def samples_seen(self) -> int:
+        """16 kHz samples fed to the VAD so far."""
+        return self._sample
+
+    def push(self, samples: Samples, agent_speaking: bool = False) -> list[TurnEvent]:
+        """Consume audio; return the events it completes, in order."""
+        if samples.size:
+            self._pending = np.concatenate((self._pending, samples.astype(np.float32, copy=False)))
+        events: list[TurnEvent] = []
+        while self._pending.size >= WINDOW_SAMPLES:
+            window = self._pending[:WINDOW_SAMPLES]
+            self._pending = self._pending[WINDOW_SAMPLES:]
+            event = self._step(window, agent_speaking)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _step(self, window: Samples, agent_speaking: bool) -> TurnEvent | None:
+        config = self._config
+        probability = self._vad.probability(window)
+        window_start = self._sample
+        self._sample += WINDOW_SAMPLES
+
+        if not self._in_speech:
+            if probability >= config.threshold:
+                self._in_speech = True
+                self._start_sample = window_start
+                self._windows = list(self._pre_roll)
+                self._pre_roll.clear()
+                self._windows.append(window)
+                self._voiced_run = self._voiced_total = 1
+                self._last_voiced_end = self._sample
+                return self._maybe_started(agent_speaking)
+            self._pre_roll.append(window)
+            return None
+
+        self._windows.append(window)
+        voiced = probability >= (
+            config.release_threshold if self._started else config.threshold
+        )
+        if voiced:
+            self._voiced_run += 1
+            self._voiced_total += 1
+            self._silence_run = 0
+            self._candidate_sent = False
+            self._last_voiced_end = self._sample
+            event = self._maybe_started(agent_speaking)
+            if event is None and len(self._windows) >= self._max_windows and self._started:
+                return self._close(truncated=True)
+            return event
+
+        self._voiced_run = 0
+        self._silence_run += 1
+        if not self._started:
+            # A blip shorter than the minimum speech: forget it once the silence is long enough.
+            if self._silence_run >= self._end_silence_windows:
+                self._discard()
+            return None
+        if self._silence_run >= self._end_silence_windows:
+            return self._close(truncated=False)
+        if len(self._windows) >= self._max_windows:
+            return self._close(truncated=True)
+        if (
+            self._speculative_windows
+            and self._silence_run == self._speculative_windows
+            and not self._candidate_sent
+        ):
+            self._candidate_sent = True
+            return EndCandidate(self._audio(), self._last_voiced_end)
+        return None
+
+    def _maybe_started(self, agent_speaking: bool) -> TurnEvent | None:
+        if not self._started and self._voiced_total >= self._min_speech_windows:
+            self._started = True
+            if not agent_speaking:
+                return SpeechStarted(self._start_sample)
+        if (
+            agent_speaking
+            and not self._bargein_sent
+            and self._voiced_total >= self._bargein_windows
+        ):
+            self._bargein_sent = True
+            return BargeIn(self._start_sample, self._sample, self._audio())
+        return None
+
+    def _audio(self) -> Samples:
+        return np.concatenate(self._windows) if self._windows else np.zeros(0, np.float32)
+
+    def _close(self, *, truncated: bool) -> UserTurn:
+        pre_roll_samples = len(self._windows) * WINDOW_SAMPLES - (self._sample - self._start_sample)
+        turn = UserTurn(
+            audio=self._audio(),
+            start_sample=self._start_sample - pre_roll_samples,
+            speech_end_sample=self._last_voiced_end,
+            closed_sample=self._sample,
+            truncated=truncated,
+        )
+        self._reset_utterance()
+        return turn
+
+    def _discard(self) -> None:
+        # Keep the tail as pre-roll so a real start right after is not clipped.
+        for window in self._windows[-self._pre_roll.maxlen :] if self._pre_roll.maxlen else []:
+            self._pre_roll.append(window)
+        self._reset_utterance()
