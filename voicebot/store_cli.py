@@ -64,7 +64,7 @@ def history_command(
         bool, typer.Option("--follow", "-f", help="Keep printing turns as they are recorded.")
     ] = False,
 ) -> None:
-    """Show recorded turns (the latest first conversation-wide, oldest at the top)."""
+    """Show the latest recorded turns, oldest first; --follow keeps printing new ones."""
     conversation_id: UUID | None = None
     if conversation is not None:
         try:
