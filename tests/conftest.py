@@ -52,3 +52,6 @@ def silero_model_path() -> Path:
     import faster_whisper
 
     return Path(faster_whisper.__file__).parent / "assets" / "silero_vad_v6.onnx"
+
+
+from tests.pg_fixtures import *  # noqa: E402,F403  (the embedded PostgreSQL fixtures)

@@ -70,7 +70,11 @@ class FakeChat:
     def stream(self, messages: Sequence[Message]) -> Iterator[str]:
         self.requests.append(list(messages))
         later = self.later_replies
-        reply = later[min(len(self.requests) - 2, len(later) - 1)] if later and len(self.requests) > 1 else self.reply
+        reply = (
+            later[min(len(self.requests) - 2, len(later) - 1)]
+            if later and len(self.requests) > 1
+            else self.reply
+        )
         self.closed.clear()
         self.tokens_sent = 0
         try:

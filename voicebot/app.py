@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voicebot.errors import ConfigError, StageError, VoicebotError
 from voicebot.personas import Persona, load_personas
@@ -131,6 +130,23 @@ def _warm_up(stacks: Iterable[PersonaStack]) -> None:
             except StageError as e:
                 # Ollama may come up later; the call apologizes until then and doctor says why.
                 logger.warning("warm-up: %s", e)
+
+
+@contextlib.contextmanager
+def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
+    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit."""
+    from voicebot.database import open_database
+    from voicebot.store import PostgresTurnStore
+
+    with open_database(settings) as database:
+        logger.info("turn log in %s", database.display_dsn)
+        store = PostgresTurnStore(
+            database.dsn, settings.spool_path, settings.store_queue_size
+        ).start()
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def build_stream(runtime: Runtime, settings: Settings) -> Any:

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 Samples: TypeAlias = npt.NDArray[np.float32]
 Audio: TypeAlias = tuple[int, npt.NDArray[Any]]
-"""``(sample_rate, samples)``: samples int16 or float32, shape (n,), (1, n), (channels, n) or (n, channels)."""
+"""``(sample_rate, samples)``: int16 or float32, shaped (n,), (channels, n) or (n, channels)."""
 
 MonoAudio: TypeAlias = tuple[int, Samples]
 """``(sample_rate, samples)`` with samples mono float32 in [-1, 1]."""
@@ -35,7 +35,9 @@ def to_mono_float32(audio: Audio) -> MonoAudio:
     if array.ndim == 2:
         # The channel axis is the short one: (channels, n) from FastRTC, (n, channels) from files.
         channel_axis = 0 if array.shape[0] <= array.shape[1] else 1
-        array = array.mean(axis=channel_axis) if array.shape[channel_axis] > 1 else array.reshape(-1)
+        array = (
+            array.mean(axis=channel_axis) if array.shape[channel_axis] > 1 else array.reshape(-1)
+        )
     if array.dtype == np.int16:
         mono = array.astype(np.float32) / 32768.0
     elif np.issubdtype(array.dtype, np.integer):

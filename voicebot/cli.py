@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +43,31 @@ DeviceOpt = Annotated[
 ConversationOpt = Annotated[
     str | None, typer.Option("--conversation", help="Continue this earlier conversation (id).")
 ]
+StoreOpt = Annotated[
+    bool, typer.Option("--store/--no-store", help="Record turns in PostgreSQL (the turn log).")
+]
+
+
+@contextlib.contextmanager
+def _maybe_store(settings: Settings, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from voicebot.app import open_turn_store
+
+    with open_turn_store(settings) as store:
+        yield store
+
+
+def _resume(store: Any, conversation_id: uuid.UUID | None, limit: int) -> tuple[list[Any], int]:
+    """The history window of an earlier conversation (oldest first) and its last turn number."""
+    if conversation_id is None:
+        return [], 0
+    if store is None:
+        raise VoicebotError("--conversation needs the turn log (drop --no-store)")
+    turns = store.recent_turns(conversation_id, limit)
+    messages = [m for turn in turns for m in turn.history_messages()]
+    return messages, max((t.sequence for t in turns), default=0)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -77,6 +104,7 @@ def ui(
     device: DeviceOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    store: StoreOpt = True,
 ) -> None:
     """The main job: the voice agent's web page (default http://127.0.0.1:7860)."""
     from voicebot.app import build_runtime, launch_ui
@@ -91,12 +119,12 @@ def ui(
             host=host,
             port=port,
         )
-        runtime = build_runtime(settings)
+        with _maybe_store(settings, store) as turn_store:
+            runtime = build_runtime(settings, store=turn_store)
+            typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
+            launch_ui(settings, runtime)
     except VoicebotError as e:
         _fail(e)
-        return
-    typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
-    launch_ui(settings, runtime)
 
 
 @app.command()
@@ -113,6 +141,7 @@ def simulate(
     ollama_host: OllamaHostOpt = None,
     device: DeviceOpt = None,
     conversation: ConversationOpt = None,
+    store: StoreOpt = True,
 ) -> None:
     """Run a recording through the same handler as a call, at real-time pace."""
     import soundfile
@@ -130,17 +159,27 @@ def simulate(
         )
         conversation_id = uuid.UUID(conversation) if conversation else None
         samples, rate = soundfile.read(str(wav), dtype="float32", always_2d=False)
-        runtime = build_runtime(settings, personas=[settings.persona])
     except (VoicebotError, OSError, ValueError, RuntimeError) as e:
         _fail(e)
         return
-    result = simulate_call(
-        runtime,
-        (int(rate), samples),
-        persona=settings.persona,
-        conversation_id=conversation_id,
-        greet=greet,
-    )
+    try:
+        with _maybe_store(settings, store) as turn_store:
+            runtime = build_runtime(settings, personas=[settings.persona], store=turn_store)
+            history, last_sequence = _resume(
+                turn_store, conversation_id, runtime.stack(settings.persona).persona.history_turns
+            )
+            result = simulate_call(
+                runtime,
+                (int(rate), samples),
+                persona=settings.persona,
+                conversation_id=conversation_id,
+                history=history,
+                sequence_start=last_sequence,
+                greet=greet,
+            )
+    except VoicebotError as e:
+        _fail(e)
+        return
     for turn in result.turns:
         record = turn_record(turn)
         if as_json:
@@ -148,10 +187,14 @@ def simulate(
         else:
             t = record["timings"]
             typer.echo(f"[{turn.sequence}] you: {turn.user_text}")
-            typer.echo(f"    agent: {turn.assistant_text}{' (interrupted)' if turn.interrupted else ''}")
+            typer.echo(
+                f"    agent: {turn.assistant_text}{' (interrupted)' if turn.interrupted else ''}"
+            )
             typer.echo(
                 "    "
-                + "  ".join(f"{k.removesuffix('_ms')} {v:.0f} ms" for k, v in t.items() if v is not None)
+                + "  ".join(
+                    f"{k.removesuffix('_ms')} {v:.0f} ms" for k, v in t.items() if v is not None
+                )
             )
     if out is not None:
         rate_out, audio = result.reply_audio
@@ -188,6 +231,15 @@ def doctor(
         ok = ok and check.ok
     if not ok:
         raise typer.Exit(1)
+
+
+def _register_store_commands() -> None:
+    from voicebot.store_cli import register
+
+    register(app, lambda: make_settings())
+
+
+_register_store_commands()
 
 
 def main() -> None:

@@ -37,7 +37,9 @@ def _stt_model_present(model: str) -> tuple[bool, str]:
     return True, f"{model} at {path}"
 
 
-def run_checks(settings: Settings, *, pull: bool = False, interactive: bool = False) -> Iterator[Check]:
+def run_checks(
+    settings: Settings, *, pull: bool = False, interactive: bool = False
+) -> Iterator[Check]:
     """Yield one ``Check`` per dependency of the selected persona."""
     from voicebot.app import select_personas
     from voicebot.stt import default_model_name, resolve_device

@@ -120,6 +120,7 @@ class VoiceHandler(StreamHandler):
         persona_from_ui: bool = False,
         conversation_id: uuid.UUID | None = None,
         history: list[Message] | None = None,
+        sequence_start: int = 0,
         greet: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -147,7 +148,7 @@ class VoiceHandler(StreamHandler):
         self._speculative: tuple[int, Future[str]] | None = None
         self._play_t0: float | None = None
         self._play_count = 0
-        self._sequence = 0
+        self._sequence = sequence_start  # a resumed conversation numbers on
         self._started = False
         self._closed = False
         self._close_message: str | None = None
@@ -169,7 +170,7 @@ class VoiceHandler(StreamHandler):
     def start_up(self) -> None:
         """Pick the persona, open the conversation and speak the greeting."""
         if self.persona_from_ui and not self.phone_mode:
-            self.wait_for_args_sync()
+            self.wait_for_args_sync()  # type: ignore[no-untyped-call]
             if len(self.latest_args) > 1 and isinstance(self.latest_args[1], str):
                 self.set_persona(self.latest_args[1])
         self._open()
@@ -373,15 +374,15 @@ class VoiceHandler(StreamHandler):
                 return
             reply.cancel.set()
             self._frames.clear()
-            self._lock.notify_all()
+            stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
+            if reply.turn is not None:
+                reply.turn.timings.bargein_stop_ms = max(0.0, (stop_t - start_t) * 1000)
+            # Under the lock, so emit() cannot record the reply as completed meanwhile.
+            self._finalize(reply, interrupted=True)
         clear_queue = self._clear_queue
         if clear_queue is not None:
-            clear_queue()
-        stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
-        if reply.turn is not None:
-            reply.turn.timings.bargein_stop_ms = max(0.0, (stop_t - start_t) * 1000)
+            clear_queue()  # what FastRTC already holds for the client
         logger.info("barge-in: agent stopped")
-        self._finalize(reply, interrupted=True)
 
     def _on_user_turn(self, event: UserTurn, closed_t: float) -> None:
         speech_end_t = self._wall_time(event.speech_end_sample)
@@ -465,9 +466,7 @@ class VoiceHandler(StreamHandler):
         )
         self._speak_into(reply, stack, self._llm_chunks(reply, stack, messages))
 
-    def _llm_chunks(
-        self, reply: _Reply, stack: PersonaStack, messages: list[Message]
-    ) -> Any:
+    def _llm_chunks(self, reply: _Reply, stack: PersonaStack, messages: list[Message]) -> Any:
         """Speakable chunks from the LLM stream; on failure, the persona's apology."""
         turn = reply.turn
         assert turn is not None

@@ -16,9 +16,9 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    num_predict: int = Field(160, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    num_predict: int = Field(default=160, gt=0)
     """Upper bound on reply tokens: spoken replies should be short."""
 
     def as_options(self) -> dict[str, Any]:
@@ -45,9 +45,9 @@ class Persona(BaseModel):
     goodbye: str = ""
     """Said when the call's time limit is reached."""
     system_prompt: str
-    history_turns: int = Field(8, ge=0, le=100)
+    history_turns: int = Field(default=8, ge=0, le=100)
     """How many earlier turns the LLM sees."""
-    sampling: Sampling = Sampling()
+    sampling: Sampling = Field(default_factory=lambda: Sampling())
     backchannels: tuple[str, ...] = ()
     """Short acknowledgements (aizuchi) that must not stop the agent; empty = language default."""
 

@@ -6,10 +6,9 @@ stream handler; nothing in here is per connection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from voicebot.llm import ChatModel
 from voicebot.personas import Persona

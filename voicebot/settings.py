@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     max_utterance_s: float = 30.0
     """A turn longer than this is cut and answered [VOICEBOT_MAX_UTTERANCE_S]."""
     bargein_min_speech_ms: int = 160
-    """Sustained user speech while the agent talks that stops the agent [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
+    """Sustained user speech while the agent talks that stops the agent
+    [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
 
     # --- database
     database_url: SecretStr | None = None

@@ -45,6 +45,7 @@ def simulate_call(
     persona: str | None = None,
     conversation_id: uuid.UUID | None = None,
     history: list[Message] | None = None,
+    sequence_start: int = 0,
     greet: bool = False,
     max_tail_s: float = 30.0,
     settle_s: float = 0.6,
@@ -58,6 +59,7 @@ def simulate_call(
         persona=persona,
         conversation_id=conversation_id,
         history=history,
+        sequence_start=sequence_start,
         greet=greet,
     )
     frame_len = max(1, round(rate * FRAME_S))
@@ -101,7 +103,9 @@ def simulate_call(
                 else:
                     idle_since = None
                 if elapsed_tail > max_tail_s:
-                    logger.warning("the agent was still busy %.0f s after the input ended", max_tail_s)
+                    logger.warning(
+                        "the agent was still busy %.0f s after the input ended", max_tail_s
+                    )
                     break
             index += 1
     finally:

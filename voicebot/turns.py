@@ -155,9 +155,7 @@ class TurnDetector:
             return None
 
         self._windows.append(window)
-        voiced = probability >= (
-            config.release_threshold if self._started else config.threshold
-        )
+        voiced = probability >= (config.release_threshold if self._started else config.threshold)
         if voiced:
             self._voiced_run += 1
             self._voiced_total += 1
