@@ -156,3 +156,28 @@ def test_hang_up_mid_reply_stops_generation_at_once() -> None:
     assert chat.tokens_sent == sent < len(LONG_REPLY.split(" "))
     after = [handler.emit() for _ in range(5)]
     assert not any(isinstance(item, tuple) for item in after)  # no more agent audio
+
+
+def test_backchannel_pauses_then_resumes_the_agent() -> None:
+    reply = "One two three four five six seven. Eight nine ten eleven twelve."
+    chat = fakes.FakeChat(reply=reply)
+    stt = fakes.FakeTranscriber(["tell me a story", "Uh-huh."])
+    rt = fakes.runtime(chat=chat, transcriber=stt)
+    # the agent talks ~1.9 s from about 1.2 s; "uh-huh" at 1.8 s
+    audio = np.concatenate([tone(0.6), silence(1.2), tone(0.3), silence(3.0)])
+    result = simulate_call(rt, (16000, audio))
+    assert len(result.turns) == 1
+    assert not result.turns[0].interrupted
+    assert result.turns[0].assistant_text == reply
+    assert result.turns[0].timings.bargein_stop_ms is None
+    assert len(chat.requests) == 1
+
+
+def test_talking_over_the_agent_longer_than_a_backchannel_stops_it_before_the_end() -> None:
+    chat = fakes.FakeChat(reply=LONG_REPLY, token_s=0.0, later_replies=["Okay."])
+    stt = fakes.FakeTranscriber(["tell me", "uh-huh"])  # even words that look like one
+    rt = fakes.runtime(chat=chat, transcriber=stt)
+    audio = np.concatenate([tone(0.6), silence(2.0), tone(2.5), silence(1.0)])
+    result = simulate_call(rt, (16000, audio))
+    assert result.turns[0].interrupted
+    assert len(result.turns) == 2

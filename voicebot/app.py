@@ -31,6 +31,7 @@ def turn_config(settings: Settings) -> TurnConfig:
         pre_roll_ms=settings.pre_roll_ms,
         max_utterance_s=settings.max_utterance_s,
         bargein_min_speech_ms=settings.bargein_min_speech_ms,
+        backchannel_max_ms=settings.backchannel_max_ms,
     )
 
 

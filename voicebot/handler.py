@@ -29,6 +29,7 @@ import scipy.signal  # noqa: F401  (resampling: load it with the handler, not on
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 
 from voicebot.audio import Audio, Samples, resample, to_mono_float32
+from voicebot.backchannel import is_backchannel
 from voicebot.chunking import Chunker
 from voicebot.conversation import Channel, Conversation, Message, Timings, Turn, utc_now
 from voicebot.errors import StageError
@@ -144,6 +145,7 @@ class VoiceHandler(StreamHandler):
         self._frames: deque[_Frame] = deque()
         self._outputs: deque[Any] = deque()
         self._reply: _Reply | None = None
+        self._paused: _Reply | None = None  # talked over: silent until we know why
         self._carry_audio: Samples | None = None
         self._speculative: tuple[int, Future[str]] | None = None
         self._play_t0: float | None = None
@@ -211,14 +213,23 @@ class VoiceHandler(StreamHandler):
         with self._lock:
             agent_speaking = self._agent_audible()
         events = self._detector.push(samples, agent_speaking=agent_speaking)
-        self._frame_times.append((self._detector.samples_seen + 0, now))
+        self._frame_times.append((self._detector.samples_seen, now))
+        if (
+            self._paused is not None
+            and self._detector.utterance_samples
+            > self.runtime.turn_config.backchannel_max_ms * VAD_SAMPLE_RATE // 1000
+        ):
+            self._stop_paused_reply("speech too long for a backchannel")
         for event in events:
             if isinstance(event, BargeIn):
                 self._on_barge_in(event)
             elif isinstance(event, EndCandidate):
                 self._on_end_candidate(event)
             elif isinstance(event, UserTurn):
-                self._on_user_turn(event, now)
+                if self._paused is not None:
+                    self._settle_pause(event, now)
+                else:
+                    self._on_user_turn(event, now)
             elif isinstance(event, SpeechStarted):
                 self._on_speech_started()
 
@@ -233,7 +244,7 @@ class VoiceHandler(StreamHandler):
                     message, self._close_message = self._close_message, None
                     return CloseStream(message)
                 now = self._clock()
-                if self._frames:
+                if self._frames and self._paused is None:
                     if self._play_t0 is None or now > self._next_due() + 0.2:
                         # A new stretch of speech: its clock starts now.
                         self._play_t0, self._play_count = now, 0
@@ -242,7 +253,8 @@ class VoiceHandler(StreamHandler):
                         return self._pop_frame(now)
                     wait = min(due, deadline) - now
                 else:
-                    self._finish_replies_locked()
+                    if self._paused is None:
+                        self._finish_replies_locked()
                     if self._outputs:
                         continue
                     wait = deadline - now
@@ -367,30 +379,79 @@ class VoiceHandler(StreamHandler):
         return np.concatenate((self._carry_audio, audio))
 
     def _on_barge_in(self, event: BargeIn) -> None:
+        """Silence the agent at once; stop it for good unless this may be a backchannel."""
         start_t = self._wall_time(event.start_sample)
+        may_be_backchannel = self.runtime.turn_config.backchannel_max_ms > 0
         with self._lock:
             reply = self._reply
             if reply is None or not self._frames:
                 return
-            reply.cancel.set()
-            self._frames.clear()
             stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
             if reply.turn is not None:
                 reply.turn.timings.bargein_stop_ms = max(0.0, (stop_t - start_t) * 1000)
+            self._paused = reply
+            if not may_be_backchannel:
+                self._stop_paused_reply("barge-in")
+        logger.debug("barge-in: agent paused")
+
+    def _stop_paused_reply(self, why: str) -> None:
+        """The user really interrupted: drop the rest of the reply and record what was heard."""
+        with self._lock:
+            reply, self._paused = self._paused, None
+            if reply is None:
+                return
+            reply.cancel.set()
+            self._frames.clear()
             # Under the lock, so emit() cannot record the reply as completed meanwhile.
             self._finalize(reply, interrupted=True)
         clear_queue = self._clear_queue
         if clear_queue is not None:
             clear_queue()  # what FastRTC already holds for the client
-        logger.info("barge-in: agent stopped")
+        logger.info("barge-in (%s): agent stopped", why)
 
-    def _on_user_turn(self, event: UserTurn, closed_t: float) -> None:
+    def _resume_paused_reply(self, heard: str) -> None:
+        with self._lock:
+            reply, self._paused = self._paused, None
+            if reply is not None and reply.turn is not None:
+                reply.turn.timings.bargein_stop_ms = None
+            self._lock.notify_all()
+        logger.info("backchannel %r: agent goes on", heard)
+
+    def _settle_pause(self, event: UserTurn, closed_t: float) -> None:
+        """The overlapping utterance ended: a backchannel resumes the agent, anything else is a
+        turn of its own (its transcript is reused)."""
+        stack = self._stack
+        persona = stack.persona
+        audio = event.audio
+        duration_s = (event.speech_end_sample - event.start_sample) / VAD_SAMPLE_RATE
+        future: Future[str] = Future()
+
+        def classify() -> None:
+            try:
+                text = stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), persona.language)
+            except Exception as e:
+                future.set_exception(e)
+                self._stop_paused_reply("unintelligible")
+                self._on_user_turn(event, closed_t, transcript=future)
+                return
+            future.set_result(text)
+            if is_backchannel(text, duration_s, persona.backchannels, persona.language):
+                self._resume_paused_reply(text)
+            else:
+                self._stop_paused_reply(f"said {text!r}")
+                self._on_user_turn(event, closed_t, transcript=future)
+
+        threading.Thread(target=classify, name="backchannel", daemon=True).start()
+
+    def _on_user_turn(
+        self, event: UserTurn, closed_t: float, transcript: Future[str] | None = None
+    ) -> None:
         speech_end_t = self._wall_time(event.speech_end_sample)
         audio = self._with_carry(event.audio)
         self._carry_audio = None
-        speculative = None
+        speculative = transcript
         if self._speculative is not None and self._speculative[0] == event.speech_end_sample:
-            speculative = self._speculative[1]
+            speculative = speculative or self._speculative[1]
         self._speculative = None
         with self._lock:
             previous = self._reply

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     """Sustained user speech while the agent talks that stops the agent
     [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
 
+    backchannel_max_ms: int = 1200
+    """Overlapping speech up to this long may be a backchannel (aizuchi) that does not stop
+    the agent; 0 = every barge-in stops it [VOICEBOT_BACKCHANNEL_MAX_MS]."""
+
     # --- database
     database_url: SecretStr | None = None
     """PostgreSQL DSN; unset = start an embedded server under data_dir [VOICEBOT_DATABASE_URL]."""

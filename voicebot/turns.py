@@ -33,6 +33,9 @@ class TurnConfig:
     bargein_min_speech_ms: int = 160
     speculative_silence_ms: int = 128
     """Silence after which the turn is offered for early transcription (0 = never)."""
+    backchannel_max_ms: int = 1200
+    """Overlapping speech up to this long may be a backchannel: the agent pauses instead of
+    stopping, and resumes if it was one (0 = every barge-in stops the agent)."""
 
     @property
     def release_threshold(self) -> float:
@@ -116,6 +119,11 @@ class TurnDetector:
     def in_speech(self) -> bool:
         """Whether the user is in the middle of a (started) turn."""
         return self._started
+
+    @property
+    def utterance_samples(self) -> int:
+        """How long the current utterance has lasted, in 16 kHz samples (0 when none)."""
+        return self._sample - self._start_sample if self._in_speech else 0
 
     @property
     def samples_seen(self) -> int:
