@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     """Speech probability at which a VAD window counts as voiced [VOICEBOT_VAD_THRESHOLD]."""
     min_speech_ms: int = 96
     """Voiced time before a user turn is considered started [VOICEBOT_MIN_SPEECH_MS]."""
-    end_silence_ms: int = 288
+    end_silence_ms: int = 320
     """Silence after the last voiced window that ends the turn [VOICEBOT_END_SILENCE_MS]."""
     pre_roll_ms: int = 320
     """Audio kept before the detected speech start so the first syllable is not clipped

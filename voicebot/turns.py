@@ -27,7 +27,7 @@ class TurnConfig:
 
     threshold: float = 0.5
     min_speech_ms: int = 96
-    end_silence_ms: int = 288
+    end_silence_ms: int = 320
     pre_roll_ms: int = 320
     max_utterance_s: float = 30.0
     bargein_min_speech_ms: int = 160
