@@ -35,10 +35,10 @@ def test_embedded_server_started_and_migrated(pg_database: Database) -> None:
 def test_migrations_are_idempotent(pg_fresh_dsn: str) -> None:
     with psycopg.connect(pg_fresh_dsn, autocommit=True) as conn:
         assert migrations.current_version(conn) is None
-        assert migrations.migrate(conn) == [1]
+        assert migrations.migrate(conn) == [1, 2]
         assert migrations.migrate(conn) == []
-        rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert rows == [(1, "init")]
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
+    assert rows == [(1, "init"), (2, "llm_first_chunk")]
 
 
 def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:
@@ -60,7 +60,7 @@ def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(applied) == [[], [], [], [1]]
+    assert sorted(applied) == [[], [], [], [1, 2]]
 
 
 def test_unreachable_dsn_is_one_clear_config_error(tmp_path) -> None:
@@ -105,7 +105,7 @@ def test_external_dsn_is_used_and_migrated(pg_fresh_dsn: str, tmp_path) -> None:
     try:
         assert not database.embedded and database.dsn == pg_fresh_dsn
         with database.connect() as conn:
-            assert migrations.current_version(conn) == 1
+            assert migrations.current_version(conn) == migrations.available()[-1].version
     finally:
         database.stop()
     assert not (tmp_path / "postgres").exists()  # no embedded server was started

@@ -31,6 +31,7 @@ class Timings:
     endpoint_ms: end of the user's speech (last voiced VAD window) to the turn being closed.
     stt_ms: transcription time.
     llm_ttft_ms: LLM request sent to first token.
+    llm_first_chunk_ms: LLM request sent to the first speakable chunk (what TTS waits for).
     tts_first_ms: first speakable chunk ready to its first audio.
     v2v_ms: end of the user's speech to the first reply audio sample out.
     bargein_stop_ms: start of the interrupting speech to the last agent audio out.
@@ -39,6 +40,7 @@ class Timings:
     endpoint_ms: float | None = None
     stt_ms: float | None = None
     llm_ttft_ms: float | None = None
+    llm_first_chunk_ms: float | None = None
     tts_first_ms: float | None = None
     v2v_ms: float | None = None
     bargein_stop_ms: float | None = None

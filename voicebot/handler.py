@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.signal  # noqa: F401  (resampling: load it with the handler, not on the first reply)
@@ -47,6 +47,12 @@ PLAYBACK_LEAD_S = 0.06
 """How far ahead of real time audio is handed to FastRTC: enough to ride out scheduling
 jitter, little enough that a barge-in silences the agent within a frame or three."""
 EMIT_WAIT_S = 0.01
+
+
+class CallObserver(Protocol):
+    """Hears about every finished turn (metrics); called on a pipeline thread, must not block."""
+
+    def turn_finished(self, turn: Turn, channel: Channel) -> None: ...
 
 
 @dataclass
@@ -124,6 +130,8 @@ class VoiceHandler(StreamHandler):
         sequence_start: int = 0,
         greet: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        caller_ref: str | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         super().__init__(
             expected_layout="mono",
@@ -155,6 +163,12 @@ class VoiceHandler(StreamHandler):
         self._closed = False
         self._close_message: str | None = None
         self.completed_turns: list[Turn] = []
+        self.caller_ref = caller_ref
+        """Stored on the conversation: a salted hash of the caller's number, never the number."""
+        self.observer = observer
+        self.on_interrupt: Callable[[], None] | None = None
+        """Called (on a pipeline thread) when a barge-in stops the agent: a transport drops the
+        audio it still holds for the client (Twilio's ``clear``)."""
 
     # ------------------------------------------------------------------ FastRTC interface
 
@@ -167,6 +181,7 @@ class VoiceHandler(StreamHandler):
             persona_from_ui=self.persona_from_ui,
             greet=self.greet,
             clock=self._clock,
+            observer=self.observer,
         )
 
     def start_up(self) -> None:
@@ -185,7 +200,12 @@ class VoiceHandler(StreamHandler):
         persona = self._stack.persona
         if self.runtime.store is not None:
             self.runtime.store.open_conversation(
-                Conversation(self.conversation_id, persona.name, self.channel_kind)
+                Conversation(
+                    self.conversation_id,
+                    persona.name,
+                    self.channel_kind,
+                    caller_ref=self.caller_ref,
+                )
             )
         logger.info("call %s started with persona %s", self.conversation_id, persona.name)
         if self.greet and persona.greeting and not self.history:
@@ -407,6 +427,8 @@ class VoiceHandler(StreamHandler):
         clear_queue = self._clear_queue
         if clear_queue is not None:
             clear_queue()  # what FastRTC already holds for the client
+        if self.on_interrupt is not None:
+            self.on_interrupt()
         logger.info("barge-in (%s): agent stopped", why)
 
     def _resume_paused_reply(self, heard: str) -> None:
@@ -540,7 +562,10 @@ class VoiceHandler(StreamHandler):
                     break
                 if turn.timings.llm_ttft_ms is None:
                     turn.timings.llm_ttft_ms = (self._clock() - sent) * 1000
-                yield from chunker.feed(token)
+                chunks = chunker.feed(token)
+                if chunks and turn.timings.llm_first_chunk_ms is None:
+                    turn.timings.llm_first_chunk_ms = (self._clock() - sent) * 1000
+                yield from chunks
             else:
                 yield from chunker.flush()
         except StageError as e:
@@ -633,6 +658,11 @@ class VoiceHandler(StreamHandler):
         self.completed_turns.append(turn)
         if self.runtime.store is not None:
             self.runtime.store.record(turn)
+        if self.observer is not None:
+            try:
+                self.observer.turn_finished(turn, self.channel_kind)
+            except Exception:  # metrics must never end a call
+                logger.exception("turn observer failed")
         self._publish(turn, final=True)
 
     def _publish(self, turn: Turn, *, final: bool) -> None:

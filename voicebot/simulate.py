@@ -1,23 +1,31 @@
 """Run a recording through the very same stream handler as a call, with no browser.
 
-Input frames are fed at real-time pace (20 ms each) and output is pulled at playback pace,
+Input frames are fed at real-time pace (20 ms each) and output is played at playback pace,
 so every timing means what it means in a call. After the recording ends the simulated caller
 keeps sending silence, as a microphone does, until the agent has finished answering.
+
+``drive`` works for any FastRTC ``StreamHandler`` (ours, or FastRTC's ``ReplyOnPause``) and
+mirrors what FastRTC's audio track does around it: one thread calls ``receive`` with each
+input frame, another calls ``emit`` in a loop and cuts what it returns into 20 ms frames on a
+queue, and a player takes frames off that queue at playback pace (restarting its clock after
+a gap, as the track does); the handler's ``clear_queue`` empties that queue.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastrtc import AdditionalOutputs, CloseStream
 
-from voicebot.audio import MonoAudio, Samples, to_mono_float32
+from voicebot.audio import MonoAudio, Samples, resample, to_int16, to_mono_float32
 from voicebot.conversation import Message, Turn
 from voicebot.handler import OUTPUT_RATE, TurnUpdate, VoiceHandler
 from voicebot.runtime import Runtime
@@ -25,6 +33,229 @@ from voicebot.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 FRAME_S = 0.02
+OUT_FRAME = int(OUTPUT_RATE * FRAME_S)
+_PLAYER_GAP_S = 10 * FRAME_S
+"""A pause in the output longer than this restarts the player's clock (FastRTC's rule)."""
+_EMIT_IDLE_S = 0.002
+"""Pause after an ``emit`` that had nothing, so a non-blocking handler is not busy-polled."""
+
+
+@dataclass
+class Interruption:
+    """Speech the caller starts saying over the agent's reply."""
+
+    audio: Samples
+    """At the same rate as the main audio."""
+    after_first_audio_s: float = 1.0
+    """Start this long after the first reply audio was played."""
+
+
+@dataclass
+class CallTrace:
+    """Everything observable from outside the handler during a driven call.
+
+    Times are ``time.monotonic()`` seconds. The input timeline is the main audio followed by
+    what was sent after it (silence, and the interruption if any).
+    """
+
+    rate: int
+    frame_samples: int
+    t0: float
+    input_times: list[float] = field(default_factory=list)
+    """When input frame ``i`` (samples ``i*frame_samples`` onwards) was handed to ``receive``."""
+    played: list[tuple[float, Samples]] = field(default_factory=list)
+    """Output frames (24 kHz, 20 ms) with the time the player sent each one."""
+    outputs: list[Any] = field(default_factory=list)
+    """The ``AdditionalOutputs`` arguments, in order."""
+    input_end_sample: int = 0
+    """End of the main audio on the input timeline."""
+    interruption_start_sample: int | None = None
+    """Where the interruption began on the input timeline, once it did."""
+    interruption_end_sample: int | None = None
+    duration_s: float = 0.0
+
+    def wall_time(self, sample: int) -> float:
+        """When the input frame holding ``sample`` was handed to the handler."""
+        index = min(max(sample, 0) // self.frame_samples, len(self.input_times) - 1)
+        return self.input_times[index] if index >= 0 else self.t0
+
+    def timeline(self) -> MonoAudio:
+        """The played audio placed on the call's timeline, at 24 kHz."""
+        audio = np.zeros(int(self.duration_s * OUTPUT_RATE) + OUTPUT_RATE, np.float32)
+        cursor = 0
+        for at, frame in self.played:
+            # A player starts each frame when it is sent or when the previous one ends.
+            position = max(int((at - self.t0) * OUTPUT_RATE), cursor)
+            end = min(position + frame.size, audio.size)
+            audio[position:end] = frame[: end - position]
+            cursor = end
+        return OUTPUT_RATE, audio
+
+
+class DrivenHandler(Protocol):
+    """The part of a FastRTC ``StreamHandler`` that its audio track uses."""
+
+    _clear_queue: Callable[..., Any] | None
+
+    def receive(self, frame: tuple[int, Any]) -> None: ...
+
+    def emit(self) -> Any: ...
+
+    def start_up(self) -> Any: ...
+
+    def shutdown(self) -> Any: ...
+
+
+StopRule = Callable[[CallTrace, float], bool]
+"""``(trace, tail_s) -> stop?``, asked once per input frame after all scripted input was sent;
+``tail_s`` is how long the caller has been sending trailing silence."""
+
+
+class _Player:
+    """The output side of a FastRTC audio track: a frame queue played at real-time pace."""
+
+    def __init__(self, trace: CallTrace, stop: threading.Event) -> None:
+        self._trace = trace
+        self._stop = stop
+        self._queue: queue.Queue[Samples] = queue.Queue()
+        self._start: float | None = None
+        self._count = 0
+        self._last = 0.0
+
+    def put(self, audio: MonoAudio) -> None:
+        rate, samples = audio
+        samples = resample(samples, rate, OUTPUT_RATE)
+        for start in range(0, samples.size, OUT_FRAME):
+            piece = samples[start : start + OUT_FRAME]
+            if piece.size < OUT_FRAME:
+                piece = np.pad(piece, (0, OUT_FRAME - piece.size))
+            self._queue.put(piece)
+
+    def clear(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._start = None
+
+    @property
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self._queue.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            now = time.monotonic()
+            if now - self._last > _PLAYER_GAP_S:
+                self._start = None
+            if self._start is None:
+                self._start = now - self._count * FRAME_S
+            else:
+                wait = self._start + self._count * FRAME_S - now
+                if wait > 0:
+                    time.sleep(wait)
+            self._count += 1
+            self._last = time.monotonic()
+            self._trace.played.append((self._last, frame))
+
+
+def drive(
+    handler: DrivenHandler,
+    audio: MonoAudio,
+    *,
+    interruption: Interruption | None = None,
+    stop_when: StopRule,
+    max_tail_s: float = 30.0,
+    as_int16: bool = False,
+) -> CallTrace:
+    """Play ``audio`` into ``handler`` at real-time pace until ``stop_when`` says so.
+
+    ``as_int16`` sends int16 frames, as FastRTC's resampler hands them to handlers.
+    """
+    rate, samples = to_mono_float32(audio)
+    frame_len = max(1, round(rate * FRAME_S))
+    stop = threading.Event()
+    trace = CallTrace(rate=rate, frame_samples=frame_len, t0=time.monotonic())
+    trace.input_end_sample = samples.size
+    player = _Player(trace, stop)
+    handler._clear_queue = player.clear  # what FastRTC's track installs
+
+    def pump() -> None:
+        while not stop.is_set():
+            item: Any = handler.emit()
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple):
+                item, extra = item  # ((rate, audio), AdditionalOutputs)
+                trace.outputs.extend(extra.args)
+            if isinstance(item, tuple):
+                player.put(to_mono_float32((int(item[0]), item[1])))
+            elif isinstance(item, AdditionalOutputs):
+                trace.outputs.extend(item.args)
+            elif isinstance(item, CloseStream):
+                stop.set()
+            elif item is None:
+                time.sleep(_EMIT_IDLE_S)
+
+    threads = [
+        threading.Thread(target=player.run, name="simulate-playback", daemon=True),
+        threading.Thread(target=pump, name="simulate-emit", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    handler.start_up()
+    silence = np.zeros(frame_len, np.float32)
+    pending = interruption.audio if interruption is not None else None
+    index = 0
+    try:
+        while not stop.is_set():
+            due = trace.t0 + index * FRAME_S
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            start = index * frame_len
+            frame = silence
+            if start < samples.size:
+                frame = samples[start : start + frame_len]
+            elif pending is not None and interruption is not None:
+                if trace.interruption_start_sample is None and trace.played:
+                    first_t = trace.played[0][0]
+                    if time.monotonic() >= first_t + interruption.after_first_audio_s:
+                        trace.interruption_start_sample = start
+                if trace.interruption_start_sample is not None:
+                    offset = start - trace.interruption_start_sample
+                    frame = pending[offset : offset + frame_len]
+                    if offset + frame_len >= pending.size:
+                        trace.interruption_end_sample = (
+                            trace.interruption_start_sample + pending.size
+                        )
+                        pending = None
+            if frame.size < frame_len:
+                frame = np.pad(frame, (0, frame_len - frame.size))
+            trace.input_times.append(time.monotonic())
+            handler.receive((rate, to_int16(frame) if as_int16 else frame))
+            index += 1
+            if start >= samples.size and pending is None:
+                tail_s = (start - max(samples.size, trace.interruption_end_sample or 0)) / rate
+                if stop_when(trace, tail_s):
+                    break
+                if tail_s > max_tail_s:
+                    logger.warning(
+                        "the agent was still busy %.0f s after the input ended", max_tail_s
+                    )
+                    break
+            elif start > samples.size + max_tail_s * rate:
+                logger.warning("no reply audio to interrupt within %.0f s", max_tail_s)
+                break
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        handler.shutdown()
+    trace.duration_s = time.monotonic() - trace.t0
+    return trace
 
 
 @dataclass
@@ -45,83 +276,33 @@ def simulate_call(
     persona: str | None = None,
     conversation_id: uuid.UUID | None = None,
     history: list[Message] | None = None,
-    sequence_start: int = 0,
     greet: bool = False,
     max_tail_s: float = 30.0,
     settle_s: float = 0.6,
     handler: VoiceHandler | None = None,
 ) -> SimulationResult:
     """Play ``audio`` into a fresh call and collect the turns and the reply audio."""
-    rate, samples = to_mono_float32(audio)
     call = handler or VoiceHandler(
         runtime,
         channel="simulate",
         persona=persona,
         conversation_id=conversation_id,
         history=history,
-        sequence_start=sequence_start,
         greet=greet,
     )
-    frame_len = max(1, round(rate * FRAME_S))
-    stop = threading.Event()
-    out_frames: list[tuple[float, Samples]] = []
-    updates: list[TurnUpdate] = []
-    t0 = time.monotonic()
+    idle_since: list[float] = []
 
-    def pull() -> None:
-        while not stop.is_set():
-            item: Any = call.emit()
-            if isinstance(item, tuple):
-                out_frames.append((time.monotonic() - t0, np.asarray(item[1], np.float32)))
-            elif isinstance(item, AdditionalOutputs):
-                updates.extend(a for a in item.args if isinstance(a, TurnUpdate))
-            elif isinstance(item, CloseStream):
-                stop.set()
+    def settled(trace: CallTrace, tail_s: float) -> bool:
+        if not call.idle:
+            idle_since.clear()
+            return False
+        if not idle_since:
+            idle_since.append(time.monotonic())
+        return time.monotonic() - idle_since[0] >= settle_s
 
-    puller = threading.Thread(target=pull, name="simulate-playback", daemon=True)
-    puller.start()
-    call.start_up()
-    silence = np.zeros(frame_len, np.float32)
-    index = 0
-    idle_since: float | None = None
-    try:
-        while not stop.is_set():
-            due = t0 + index * FRAME_S
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            start = index * frame_len
-            if start < samples.size:
-                call.receive((rate, samples[start : start + frame_len]))
-            else:
-                call.receive((rate, silence))
-                elapsed_tail = (start - samples.size) / rate
-                if call.idle:
-                    idle_since = idle_since if idle_since is not None else time.monotonic()
-                    if time.monotonic() - idle_since >= settle_s:
-                        break
-                else:
-                    idle_since = None
-                if elapsed_tail > max_tail_s:
-                    logger.warning(
-                        "the agent was still busy %.0f s after the input ended", max_tail_s
-                    )
-                    break
-            index += 1
-    finally:
-        stop.set()
-        puller.join(timeout=2)
-        call.shutdown()
-    duration = time.monotonic() - t0
-    timeline = np.zeros(int(duration * OUTPUT_RATE) + OUTPUT_RATE, np.float32)
-    cursor = 0
-    for at, frame in out_frames:
-        # A player starts each frame when it arrives or when the previous one ends.
-        position = max(int(at * OUTPUT_RATE), cursor)
-        end = min(position + frame.size, timeline.size)
-        timeline[position:end] = frame[: end - position]
-        cursor = end
-    return SimulationResult(call.completed_turns, (OUTPUT_RATE, timeline), updates, duration)
+    trace = drive(call, audio, stop_when=settled, max_tail_s=max_tail_s)
+    updates = [u for u in trace.outputs if isinstance(u, TurnUpdate)]
+    return SimulationResult(call.completed_turns, trace.timeline(), updates, trace.duration_s)
 
 
 def turn_record(turn: Turn) -> dict[str, Any]:
@@ -141,6 +322,7 @@ def turn_record(turn: Turn) -> dict[str, Any]:
             "endpoint_ms": ms(t.endpoint_ms),
             "stt_ms": ms(t.stt_ms),
             "llm_ttft_ms": ms(t.llm_ttft_ms),
+            "llm_first_chunk_ms": ms(t.llm_first_chunk_ms),
             "tts_first_ms": ms(t.tts_first_ms),
             "v2v_ms": ms(t.v2v_ms),
             "bargein_stop_ms": ms(t.bargein_stop_ms),

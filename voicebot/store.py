@@ -55,6 +55,7 @@ _TIMING_FIELDS = (
     "endpoint_ms",
     "stt_ms",
     "llm_ttft_ms",
+    "llm_first_chunk_ms",
     "tts_first_ms",
     "v2v_ms",
     "bargein_stop_ms",
@@ -156,6 +157,7 @@ def turn_record(turn: Turn) -> Record:
         "endpoint_ms": _ms(t.endpoint_ms),
         "stt_ms": _ms(t.stt_ms),
         "llm_ttft_ms": _ms(t.llm_ttft_ms),
+        "llm_first_chunk_ms": _ms(t.llm_first_chunk_ms),
         "tts_first_ms": _ms(t.tts_first_ms),
         "v2v_ms": _ms(t.v2v_ms),
         "bargein_stop_ms": _ms(t.bargein_stop_ms),
@@ -235,13 +237,13 @@ _INSERT_TURN = """
 WITH inserted AS (
     INSERT INTO turns (
         id, conversation_id, seq, user_text, assistant_text, interrupted, error,
-        endpoint_ms, stt_ms, llm_ttft_ms, tts_first_ms, v2v_ms, bargein_stop_ms,
-        stt_model, llm_model, tts_model, started_at, ended_at
+        endpoint_ms, stt_ms, llm_ttft_ms, llm_first_chunk_ms, tts_first_ms, v2v_ms,
+        bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at
     ) VALUES (
         %(id)s, %(conversation_id)s, %(seq)s, %(user_text)s, %(assistant_text)s,
         %(interrupted)s, %(error)s, %(endpoint_ms)s, %(stt_ms)s, %(llm_ttft_ms)s,
-        %(tts_first_ms)s, %(v2v_ms)s, %(bargein_stop_ms)s, %(stt_model)s, %(llm_model)s,
-        %(tts_model)s, %(started_at)s, %(ended_at)s
+        %(llm_first_chunk_ms)s, %(tts_first_ms)s, %(v2v_ms)s, %(bargein_stop_ms)s,
+        %(stt_model)s, %(llm_model)s, %(tts_model)s, %(started_at)s, %(ended_at)s
     )
     ON CONFLICT (id) DO NOTHING
     RETURNING id, conversation_id, seq
@@ -710,8 +712,8 @@ class InMemoryTurnStore:
 _TURN_COLUMNS = sql.SQL(
     """
     id, conversation_id, seq, user_text, assistant_text, interrupted, error,
-    endpoint_ms, stt_ms, llm_ttft_ms, tts_first_ms, v2v_ms, bargein_stop_ms,
-    stt_model, llm_model, tts_model, started_at, ended_at, created_at
+    endpoint_ms, stt_ms, llm_ttft_ms, llm_first_chunk_ms, tts_first_ms, v2v_ms,
+    bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at, created_at
     """
 )
 

@@ -110,6 +110,7 @@ def turn_json(stored: StoredTurn) -> dict[str, Any]:
             "endpoint_ms": t.endpoint_ms,
             "stt_ms": t.stt_ms,
             "llm_ttft_ms": t.llm_ttft_ms,
+            "llm_first_chunk_ms": t.llm_first_chunk_ms,
             "tts_first_ms": t.tts_first_ms,
             "v2v_ms": t.v2v_ms,
             "bargein_stop_ms": t.bargein_stop_ms,
