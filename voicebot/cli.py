@@ -233,6 +233,100 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 7860).")] = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the Gradio page at /ui.")] = True,
+    persona: PersonaOpt = None,
+    stt_model: SttModelOpt = None,
+    tts_voice: TtsVoiceOpt = None,
+    ollama_host: OllamaHostOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve the API, the phone routes and (optionally) the page with uvicorn."""
+    try:
+        settings = make_settings(
+            persona=persona,
+            stt_model=stt_model,
+            tts_voice=tts_voice,
+            ollama_host=ollama_host,
+            device=device,
+            host=host,
+            port=port,
+        )
+        from voicebot.server import check_exposure
+
+        check_exposure(settings)
+    except VoicebotError as e:
+        _fail(e)
+        return
+    import uvicorn
+
+    from voicebot.server import RedactTokenFilter, create_app
+
+    logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())
+    try:
+        application = create_app(settings, ui=ui)
+    except VoicebotError as e:
+        _fail(e)
+        return
+    typer.echo(f"voicebot is serving on http://{settings.host}:{settings.port}")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command()
+def phone(
+    persona: PersonaOpt = None,
+    stt_model: SttModelOpt = None,
+    tts_voice: TtsVoiceOpt = None,
+    ollama_host: OllamaHostOpt = None,
+    device: DeviceOpt = None,
+    port: Annotated[int, typer.Option(help="Local port for FastRTC's server.")] = 8000,
+) -> None:
+    """A quick phone trial on a temporary number (FastRTC fastphone; needs HF_TOKEN, internet)."""
+    try:
+        settings = make_settings(
+            persona=persona,
+            stt_model=stt_model,
+            tts_voice=tts_voice,
+            ollama_host=ollama_host,
+            device=device,
+        )
+    except VoicebotError as e:
+        _fail(e)
+        return
+    token = settings.hf_token.get_secret_value() if settings.hf_token else ""
+    if not token:
+        _fail(
+            VoicebotError(
+                "voicebot phone needs a Hugging Face token: create one at "
+                "https://huggingface.co/settings/tokens and `export HF_TOKEN=hf_...` "
+                "(it also needs internet access; for your own number use `voicebot serve` "
+                "with Twilio, see docs/serving.md)"
+            )
+        )
+        return
+    from fastrtc import Stream
+
+    from voicebot.app import build_runtime
+    from voicebot.handler import VoiceHandler
+
+    try:
+        with _maybe_store(settings, True) as turn_store:
+            runtime = build_runtime(settings, personas=[settings.persona], store=turn_store)
+            stream = Stream(
+                VoiceHandler(runtime, channel="phone"),
+                modality="audio",
+                mode="send-receive",
+                concurrency_limit=settings.concurrency_limit,
+                time_limit=settings.time_limit_s,
+            )
+            stream.fastphone(token=token, host="127.0.0.1", port=port)
+    except VoicebotError as e:
+        _fail(e)
+
+
 def _register_store_commands() -> None:
     from voicebot.store_cli import register
 

@@ -104,6 +104,34 @@ class Settings(BaseSettings):
     """Simultaneous calls (web and phone together) [VOICEBOT_CONCURRENCY_LIMIT]."""
     time_limit_s: float = 1800.0
     """Longest call in seconds [VOICEBOT_TIME_LIMIT_S]."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed to call the API (JSON list); empty = CORS off
+    [VOICEBOT_CORS_ORIGINS]."""
+    max_body_bytes: int = 65536
+    """Largest request body accepted on the offer and API routes [VOICEBOT_MAX_BODY_BYTES]."""
+    public_url: str | None = None
+    """The server's public base URL as Twilio sees it (https://...), used to build the Media
+    Stream URL and to check Twilio signatures behind a proxy [VOICEBOT_PUBLIC_URL]."""
+
+    # --- telephone
+    twilio_auth_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "TWILIO_AUTH_TOKEN", "VOICEBOT_TWILIO_AUTH_TOKEN", "twilio_auth_token"
+        ),
+    )
+    """Twilio account auth token: every Twilio request's signature is checked with it
+    [TWILIO_AUTH_TOKEN]."""
+    phone_personas: dict[str, str] = Field(default_factory=dict)
+    """Persona per called number, e.g. {"+15551234567": "assistant-en"} (JSON); other numbers
+    get the default persona [VOICEBOT_PHONE_PERSONAS]."""
+    caller_hash_salt: SecretStr | None = None
+    """Salt for the stored hash of a caller's number; unset = a random salt kept in data_dir
+    [VOICEBOT_CALLER_HASH_SALT]."""
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("HF_TOKEN", "VOICEBOT_HF_TOKEN", "hf_token")
+    )
+    """Hugging Face token for ``voicebot phone`` (FastRTC's temporary number) [HF_TOKEN]."""
 
     @property
     def voices_dir(self) -> Path:

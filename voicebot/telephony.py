@@ -1,0 +1,495 @@
+"""Phone calls through Twilio: TwiML, signature checks, and the Media Stream websocket loop.
+
+Twilio calls ``POST …/telephone/incoming``; we answer with TwiML that connects a bidirectional
+Media Stream to ``…/telephone/handler``. That websocket carries JSON messages (``connected``,
+``start``, ``media`` with 20 ms of base64 8 kHz μ-law, ``mark``, ``dtmf``, ``stop``); we send
+``media`` back, ``mark`` to learn when Twilio has played a stretch of speech, and ``clear`` to
+drop what Twilio still holds when the caller barges in. Unlike FastRTC's phone handler, a
+malformed message is logged and skipped (the call goes on) and ``clear`` is sent.
+
+Threads: the VoiceHandler's ``receive``/``emit``/``start_up``/``shutdown`` run in worker threads
+(``asyncio.to_thread``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from voicebot.audio import Samples, resample, to_mono_float32
+from voicebot.conversation import Channel
+
+if TYPE_CHECKING:
+    from voicebot.handler import TurnUpdate, VoiceHandler
+
+logger = logging.getLogger(__name__)
+
+MEDIA_RATE = 8000
+MEDIA_FRAME = MEDIA_RATE // 50  # 20 ms
+START_TIMEOUT_S = 10.0
+"""How long a new Media Stream may take to send ``start``."""
+MARK_WAIT_S = 3.0
+"""Longest wait for Twilio to confirm it played our last words before we hang up."""
+SPEECH_GAP_S = 0.2
+"""No audio for this long ends a stretch of speech (and sends a ``mark``)."""
+LANGUAGE_TAGS = {"en": "en-US", "ja": "ja-JP"}
+"""Twilio ``<Say>`` language per persona language."""
+
+
+# --- μ-law (G.711), in numpy: audioop is deprecated and gone in Python 3.13 --------------------
+
+_BIAS = 0x84
+_CLIP = 32635
+
+
+def _decode_table() -> npt.NDArray[np.int16]:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (u >> 4) & 0x07
+    magnitude = (((u & 0x0F) << 3) + _BIAS) << exponent
+    values = np.where(u & 0x80, _BIAS - magnitude, magnitude - _BIAS)
+    return values.astype(np.int16)
+
+
+_ULAW_TO_PCM = _decode_table()
+
+
+def ulaw_decode(data: bytes) -> npt.NDArray[np.int16]:
+    """8-bit μ-law bytes to int16 PCM."""
+    return _ULAW_TO_PCM[np.frombuffer(data, dtype=np.uint8)]
+
+
+def ulaw_encode(pcm: npt.NDArray[np.int16]) -> bytes:
+    """int16 PCM to 8-bit μ-law bytes."""
+    x = pcm.astype(np.int32)
+    sign = np.where(x < 0, 0x80, 0)
+    magnitude = np.minimum(np.abs(x), _CLIP) + _BIAS
+    exponent = np.floor(np.log2(magnitude)).astype(np.int32) - 7
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    encoded: bytes = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+    return encoded
+
+
+class Downsampler:
+    """Streaming low-pass and decimation from the handler's rate to 8 kHz, filter state kept
+    across frames so 20 ms pieces join without clicks."""
+
+    def __init__(self, from_rate: int, to_rate: int = MEDIA_RATE) -> None:
+        from scipy.signal import firwin, lfilter_zi
+
+        if from_rate % to_rate:
+            raise ValueError(f"{from_rate} Hz is not a multiple of {to_rate} Hz")
+        self.factor = from_rate // to_rate
+        self._taps = firwin(63, 0.9 * to_rate / 2, fs=from_rate)
+        self._state = lfilter_zi(self._taps, 1.0) * 0.0
+        self._phase = 0
+
+    def __call__(self, samples: Samples) -> Samples:
+        from scipy.signal import lfilter
+
+        filtered, self._state = lfilter(self._taps, 1.0, samples, zi=self._state)
+        out = filtered[self._phase :: self.factor]
+        self._phase = (self._phase - samples.size) % self.factor
+        return np.asarray(out, dtype=np.float32)
+
+
+def encode_media(samples: Samples) -> str:
+    """Mono float32 at 8 kHz to a Media Stream payload (base64 μ-law)."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return base64.b64encode(ulaw_encode(pcm)).decode("ascii")
+
+
+def decode_media(payload: str) -> npt.NDArray[np.int16]:
+    """A Media Stream payload to int16 PCM at 8 kHz; raises ValueError when it is not base64."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, TypeError) as e:
+        raise ValueError(f"media payload is not base64: {e}") from e
+    return ulaw_decode(data)
+
+
+# --- TwiML, signatures, caller privacy ---------------------------------------------------------
+
+
+def twiml_connect(stream_url: str, parameters: Mapping[str, str]) -> str:
+    """TwiML that connects the call to our Media Stream websocket, passing ``parameters``."""
+    from twilio.twiml.voice_response import Connect, VoiceResponse
+
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=stream_url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    return str(response)
+
+
+def twiml_busy(message: str, language: str) -> str:
+    """TwiML that says ``message`` (Twilio's own voice) and hangs up."""
+    from twilio.twiml.voice_response import VoiceResponse
+
+    response = VoiceResponse()
+    if message:
+        response.say(message, language=LANGUAGE_TAGS.get(language, "en-US"))
+    response.hangup()
+    return str(response)
+
+
+class SignatureChecker:
+    """Checks ``X-Twilio-Signature`` with the account's auth token (twilio's validator)."""
+
+    def __init__(self, auth_token: str) -> None:
+        from twilio.request_validator import RequestValidator
+
+        self._validator = RequestValidator(auth_token)
+
+    def valid(self, url: str, params: Mapping[str, str], signature: str | None) -> bool:
+        if not signature:
+            return False
+        return bool(self._validator.validate(url, dict(params), signature))
+
+    def sign(self, url: str, params: Mapping[str, str]) -> str:
+        """The signature Twilio would send (for tests and local tools)."""
+        return str(self._validator.compute_signature(url, dict(params)))
+
+
+def caller_hash(number: str, salt: bytes) -> str:
+    """A salted hash of a phone number: the same caller maps to the same value, the number
+    itself is never stored."""
+    digest = hmac.new(salt, number.strip().encode(), hashlib.sha256).hexdigest()
+    return f"h:{digest[:32]}"
+
+
+def load_salt(configured: str | None, path: Path) -> bytes:
+    """The configured salt, or a random one created once and kept (0600) at ``path``."""
+    if configured:
+        return configured.encode()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    salt = secrets.token_hex(32).encode()
+    try:
+        with open(path, "xb") as f:  # another process may have won the race
+            f.write(salt)
+        path.chmod(0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    return salt
+
+
+# --- the Media Stream call ---------------------------------------------------------------------
+
+
+class Slots(Protocol):
+    """The server's call limit, shared by every channel."""
+
+    def try_acquire(self, channel: Channel) -> bool:
+        """Take a slot; False when every line is busy."""
+        ...
+
+    def release(self, channel: Channel) -> None: ...
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What Twilio's ``start`` message told us."""
+
+    stream_sid: str
+    call_sid: str | None
+    parameters: Mapping[str, str]
+
+
+class PhoneCall:
+    """One Twilio Media Stream, driving one VoiceHandler until either side hangs up."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        new_handler: Callable[[str | None, str | None], VoiceHandler],
+        busy_line: Callable[[str | None], tuple[str, Any]],
+        slots: Slots,
+        time_limit_s: float | None,
+        grace_s: float = 20.0,
+        on_update: Callable[[str, TurnUpdate], None] | None = None,
+        on_end: Callable[[str], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ws = websocket
+        self._new_handler = new_handler
+        self._busy_line = busy_line
+        self._slots = slots
+        self._time_limit_s = time_limit_s
+        self._grace_s = grace_s
+        self._on_update = on_update
+        self._on_end = on_end
+        self._on_reject = on_reject
+        self._send_lock = asyncio.Lock()
+        self._marks_pending: dict[str, asyncio.Event] = {}
+        self._mark_count = 0
+        self.stream_sid: str | None = None
+        self.skipped = 0
+        """Malformed or unexpected messages skipped so far."""
+
+    async def run(self) -> None:
+        """Accept the websocket and serve the call; returns when it is over."""
+        await self.ws.accept()
+        try:
+            start = await asyncio.wait_for(self._wait_for_start(), START_TIMEOUT_S)
+        except (TimeoutError, WebSocketDisconnect):
+            start = None
+        if start is None:
+            logger.warning("media stream closed or silent before its start message")
+            await self._close()
+            return
+        self.stream_sid = start.stream_sid
+        persona = start.parameters.get("persona") or None
+        if not self._slots.try_acquire("phone"):
+            logger.warning("phone call refused: every line is busy")
+            if self._on_reject is not None:
+                self._on_reject("busy")
+            await self._say_busy_and_hang_up(persona)
+            return
+        try:
+            await self._serve(start, persona)
+        finally:
+            self._slots.release("phone")
+
+    # -- receiving
+
+    async def _receive(self) -> dict[str, Any] | None:
+        """The next well-formed message; None when the socket is gone. Bad ones are skipped."""
+        while True:
+            try:
+                text = await self.ws.receive_text()
+            except WebSocketDisconnect:
+                return None
+            except (RuntimeError, KeyError):  # a binary frame, or the socket already closed
+                if self.ws.application_state != WebSocketState.CONNECTED or (
+                    self.ws.client_state != WebSocketState.CONNECTED
+                ):
+                    return None
+                self._skip("a non-text frame")
+                continue
+            try:
+                message = json.loads(text)
+            except ValueError:
+                self._skip(f"invalid JSON {text[:80]!r}")
+                continue
+            if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+                self._skip(f"a message without an event: {text[:80]!r}")
+                continue
+            return message
+
+    def _skip(self, what: str) -> None:
+        self.skipped += 1
+        logger.warning("media stream %s: skipping %s", self.stream_sid or "?", what)
+
+    async def _wait_for_start(self) -> StreamStart | None:
+        while (message := await self._receive()) is not None:
+            event = message["event"]
+            if event == "start":
+                raw = message.get("start")
+                start: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                sid = message.get("streamSid") or start.get("streamSid")
+                if not isinstance(sid, str) or not sid:
+                    self._skip("a start message without a streamSid")
+                    continue
+                params = start.get("customParameters")
+                parameters = (
+                    {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
+                )
+                call_sid = start.get("callSid")
+                return StreamStart(sid, call_sid if isinstance(call_sid, str) else None, parameters)
+            if event == "stop":
+                return None
+            if event != "connected":
+                self._skip(f"a {event!r} message before start")
+        return None
+
+    # -- sending
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def _send_media(self, samples: Samples) -> None:
+        await self._send(
+            {
+                "event": "media",
+                "streamSid": self.stream_sid,
+                "media": {"payload": encode_media(samples)},
+            }
+        )
+
+    async def _mark(self, name: str | None = None) -> asyncio.Event:
+        self._mark_count += 1
+        name = name or f"speech-{self._mark_count}"
+        heard = self._marks_pending.setdefault(name, asyncio.Event())
+        await self._send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+        return heard
+
+    async def _clear(self) -> None:
+        with contextlib.suppress(Exception):  # the socket may be closing
+            await self._send({"event": "clear", "streamSid": self.stream_sid})
+            logger.info("media stream %s: barge-in, sent clear", self.stream_sid)
+
+    def _mark_heard(self, message: dict[str, Any]) -> None:
+        mark = message.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else None
+        event = self._marks_pending.pop(name, None) if isinstance(name, str) else None
+        if event is not None:
+            event.set()
+
+    async def _close(self) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+
+    async def _say_busy_and_hang_up(self, persona: str | None) -> None:
+        """Speak the persona's busy message in its own voice, wait until played, hang up."""
+        text, synthesizer = self._busy_line(persona)
+        try:
+            if text and synthesizer is not None:
+                audio = await asyncio.to_thread(_synthesize_8k, synthesizer, text)
+                for start in range(0, audio.size, MEDIA_FRAME):
+                    await self._send_media(audio[start : start + MEDIA_FRAME])
+                heard = await self._mark("busy")
+                await self._wait_heard(heard, audio.size / MEDIA_RATE + MARK_WAIT_S)
+        except Exception:
+            logger.exception("could not say the busy message")
+        await self._close()
+
+    async def _wait_heard(self, heard: asyncio.Event, timeout_s: float) -> None:
+        """Wait for a mark's echo while still reading (and discarding) the caller's audio."""
+
+        async def drain() -> None:
+            while not heard.is_set():
+                message = await self._receive()
+                if message is None or message["event"] == "stop":
+                    return
+                if message["event"] == "mark":
+                    self._mark_heard(message)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drain(), timeout_s)
+
+    # -- the call
+
+    async def _serve(self, start: StreamStart, persona: str | None) -> None:
+        sid = start.stream_sid
+        handler = self._new_handler(persona, start.parameters.get("caller") or None)
+        handler.phone_mode = True
+        loop = asyncio.get_running_loop()
+
+        def on_interrupt() -> None:  # on a pipeline thread
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._clear()))
+
+        handler.on_interrupt = on_interrupt
+        logger.info("phone call %s (stream %s) connected", start.call_sid or "?", sid)
+        await asyncio.to_thread(handler.start_up)
+        reader = asyncio.create_task(self._read_loop(handler), name=f"twilio-read-{sid}")
+        player = asyncio.create_task(self._play_loop(handler), name=f"twilio-play-{sid}")
+        limit = None if self._time_limit_s is None else self._time_limit_s + self._grace_s
+        try:
+            done, _ = await asyncio.wait(
+                {reader, player}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                logger.warning("phone call %s: over its time limit and grace; hanging up", sid)
+        finally:
+            for task in (reader, player):
+                task.cancel()
+            for task in (reader, player):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await asyncio.to_thread(handler.shutdown)
+            await self._close()
+            if self._on_end is not None:
+                self._on_end(sid)
+            logger.info("phone call %s ended (%d bad messages skipped)", sid, self.skipped)
+
+    async def _read_loop(self, handler: VoiceHandler) -> None:
+        while (message := await self._receive()) is not None:
+            event = message["event"]
+            if event == "media":
+                media = message.get("media")
+                payload = media.get("payload") if isinstance(media, dict) else None
+                if not isinstance(payload, str):
+                    self._skip("a media message without a payload")
+                    continue
+                try:
+                    pcm = decode_media(payload)
+                except ValueError as e:
+                    self._skip(str(e))
+                    continue
+                if pcm.size == 0:
+                    continue
+                try:
+                    await asyncio.to_thread(handler.receive, (MEDIA_RATE, pcm))
+                except Exception:  # a bug in a stage must not end the call
+                    logger.exception("media stream %s: receive failed", self.stream_sid)
+            elif event == "mark":
+                self._mark_heard(message)
+            elif event == "stop":
+                return
+            elif event in ("dtmf", "connected", "start"):
+                logger.debug("media stream %s: %s ignored", self.stream_sid, event)
+            else:
+                self._skip(f"an unexpected {event!r} message")
+
+    async def _play_loop(self, handler: VoiceHandler) -> None:
+        from fastrtc import AdditionalOutputs, CloseStream
+
+        from voicebot.handler import TurnUpdate
+
+        down: Downsampler | None = None
+        last_audio: float | None = None
+        while True:
+            out = await asyncio.to_thread(handler.emit)
+            if isinstance(out, tuple):
+                rate, samples = to_mono_float32(out)
+                if down is None or down.factor * MEDIA_RATE != rate:
+                    down = Downsampler(rate) if rate % MEDIA_RATE == 0 else None
+                audio = down(samples) if down is not None else resample(samples, rate, MEDIA_RATE)
+                await self._send_media(audio)
+                last_audio = time.monotonic()
+            elif isinstance(out, CloseStream):
+                # The handler said its last words (time limit): let Twilio play them, hang up.
+                heard = await self._mark("goodbye")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(heard.wait(), MARK_WAIT_S)
+                return
+            else:
+                if isinstance(out, AdditionalOutputs) and self._on_update is not None:
+                    for item in out.args:
+                        if isinstance(item, TurnUpdate) and self.stream_sid is not None:
+                            self._on_update(self.stream_sid, item)
+                if last_audio is not None and time.monotonic() - last_audio > SPEECH_GAP_S:
+                    last_audio = None
+                    await self._mark()
+
+
+def _synthesize_8k(synthesizer: Any, text: str) -> Samples:
+    pieces = [
+        resample(to_mono_float32((rate, samples))[1], rate, MEDIA_RATE)
+        for rate, samples in synthesizer.synthesize(text)
+    ]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
