@@ -336,6 +336,78 @@ def _register_store_commands() -> None:
 _register_store_commands()
 
 
+@app.command()
+def bench(
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="Corpus dir (WAVs + manifest.jsonl).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure here.")
+    ] = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="Write the PNG plot here.")
+    ] = None,
+    llm_profile: Annotated[
+        str, typer.Option("--llm-profile", help="Scripted LLM timing: gpu-8b, cpu-3b, instant.")
+    ] = "gpu-8b",
+    ollama_host: Annotated[
+        str | None, typer.Option("--ollama-host", help="Use a real Ollama instead.")
+    ] = None,
+    sessions: Annotated[
+        int, typer.Option("--sessions", help="Also run 1, 2, 4 … N simultaneous calls.")
+    ] = 1,
+    sessions_baseline: Annotated[
+        bool, typer.Option("--sessions-baseline", help="Scale the baseline too.")
+    ] = False,
+    repeats: Annotated[int, typer.Option("--repeats", help="Passes over the corpus.")] = 2,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="First N items of each language.")
+    ] = None,
+    languages: Annotated[str, typer.Option("--languages", help="Comma-separated.")] = "en,ja",
+    stt_model: SttModelOpt = None,
+    stt_model_ja: Annotated[
+        str | None, typer.Option("--stt-model-ja", help="Multilingual whisper for Japanese.")
+    ] = None,
+    tts_voice: TtsVoiceOpt = None,
+) -> None:
+    """Voice-to-voice latency of voicebot next to the FastRTC cookbook pipeline."""
+    from voicebot.bench.main import DEFAULT_CORPUS, BenchOptions, run_bench
+    from voicebot.bench.report import format_table, plot
+
+    def progress(m: Any) -> None:
+        v2v = "-" if m.v2v_ms is None else f"{m.v2v_ms:.0f} ms"
+        typer.echo(
+            f"  {m.pipeline:<8} {m.item:<6} N={m.sessions} v2v {v2v}"
+            + (f"  ({'; '.join(m.notes)})" if m.notes else ""),
+            err=True,
+        )
+
+    options = BenchOptions(
+        corpus=corpus or DEFAULT_CORPUS,
+        languages=tuple(x.strip() for x in languages.split(",") if x.strip()),
+        repeats=repeats,
+        limit=limit,
+        llm_profile=llm_profile,
+        ollama_host=ollama_host,
+        sessions=sessions,
+        sessions_baseline=sessions_baseline,
+        stt_model=stt_model,
+        stt_model_ja=stt_model_ja,
+        tts_voice=tts_voice,
+    )
+    try:
+        report = run_bench(options, make_settings(), progress=progress)
+    except (VoicebotError, ValueError) as e:
+        _fail(e)
+        return
+    typer.echo(format_table(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(report.to_json(), encoding="utf-8")
+    if plot_out is not None:
+        plot(report, plot_out)
+
+
 def main() -> None:
     """Console entry point."""
     app()

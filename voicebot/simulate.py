@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 from fastrtc import AdditionalOutputs, CloseStream
 
-from voicebot.audio import MonoAudio, Samples, resample, to_int16, to_mono_float32
+from voicebot.audio import MonoAudio, Samples, resample, to_mono_float32
 from voicebot.conversation import Message, Turn
 from voicebot.handler import OUTPUT_RATE, TurnUpdate, VoiceHandler
 from voicebot.runtime import Runtime
@@ -163,6 +164,11 @@ class _Player:
             self._trace.played.append((self._last, frame))
 
 
+def _pcm16(samples: Samples) -> npt.NDArray[np.int16]:
+    # Scaled by 32768, the inverse of reading int16 audio, so a WAV's samples go back unchanged.
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def drive(
     handler: DrivenHandler,
     audio: MonoAudio,
@@ -186,7 +192,12 @@ def drive(
 
     def pump() -> None:
         while not stop.is_set():
-            item: Any = handler.emit()
+            try:
+                item: Any = handler.emit()
+            except Exception:  # FastRTC's track logs and goes on, too
+                logger.exception("emit failed")
+                time.sleep(_EMIT_IDLE_S)
+                continue
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple):
                 item, extra = item  # ((rate, audio), AdditionalOutputs)
                 trace.outputs.extend(extra.args)
@@ -235,7 +246,7 @@ def drive(
             if frame.size < frame_len:
                 frame = np.pad(frame, (0, frame_len - frame.size))
             trace.input_times.append(time.monotonic())
-            handler.receive((rate, to_int16(frame) if as_int16 else frame))
+            handler.receive((rate, _pcm16(frame) if as_int16 else frame))
             index += 1
             if start >= samples.size and pending is None:
                 tail_s = (start - max(samples.size, trace.interruption_end_sample or 0)) / rate

@@ -1,0 +1,359 @@
+"""Run both pipelines on the same inputs, interleaved, and measure them from outside.
+
+Every call goes through ``voicebot.simulate.drive`` (20 ms input frames at real-time pace,
+output played at playback pace). Definitions, identical for both pipelines:
+
+- speech end: the end of the last voiced 32 ms window of the utterance per our Silero VAD
+  and turn detector, run offline on the same samples; its wall time is when the input frame
+  holding it was handed to the handler;
+- v2v: speech end to the first reply frame the player sends;
+- endpoint: speech end to the turn being closed (ours: the handler's own measurement, whose
+  speech end is the same detector on the same samples; baseline: when ``ReplyOnPause``
+  calls the reply function);
+- barge-in stop: start of the interrupting speech (first voiced window) to the last frame of
+  the agent's reply the player sends;
+- STT / LLM / TTS: measured inside each pipeline (baseline: inside its reply function, where
+  "LLM first token" is the whole reply, since the cookbook waits for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from voicebot.bench.baseline import BaselineTurn, SileroV6PauseModel, cookbook_call
+from voicebot.bench.corpus import CORPUS_RATE, CorpusItem
+from voicebot.bench.metrics import error_count
+from voicebot.conversation import Turn
+from voicebot.handler import VoiceHandler
+from voicebot.runtime import PersonaStack, Runtime
+from voicebot.simulate import FRAME_S, CallTrace, Interruption, drive
+from voicebot.turns import SpeechStarted, TurnConfig, TurnDetector, UserTurn
+from voicebot.vad import VoiceActivityModel
+
+logger = logging.getLogger(__name__)
+
+Pipeline = Literal["ours", "baseline"]
+PIPELINES: tuple[Pipeline, ...] = ("ours", "baseline")
+METRICS = (
+    "endpoint_ms",
+    "stt_ms",
+    "llm_ttft_ms",
+    "llm_first_chunk_ms",
+    "tts_first_ms",
+    "v2v_ms",
+    "bargein_stop_ms",
+)
+_RUN_GAP_S = 0.25
+"""Output frames further apart than this belong to different stretches of speech."""
+_SETTLE_S = 0.5
+
+
+@dataclass(frozen=True)
+class LanguageSetup:
+    """The models for one language, shared by both pipelines."""
+
+    language: str
+    runtime: Runtime
+    persona: str
+
+    @property
+    def stack(self) -> PersonaStack:
+        """The persona's STT, LLM and TTS."""
+        return self.runtime.stack(self.persona)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the speech is in an item, per our VAD (16 kHz samples)."""
+
+    speech_end: int
+    interruption_start: int | None = None
+    """First voiced sample of the interruption, from the interruption's own start."""
+
+
+@dataclass
+class Measurement:
+    """One pipeline on one corpus item (milliseconds)."""
+
+    pipeline: Pipeline
+    item: str
+    language: str
+    repeat: int
+    sessions: int = 1
+    endpoint_ms: float | None = None
+    stt_ms: float | None = None
+    llm_ttft_ms: float | None = None
+    llm_first_chunk_ms: float | None = None
+    tts_first_ms: float | None = None
+    v2v_ms: float | None = None
+    bargein_stop_ms: float | None = None
+    reference: str = ""
+    transcript: str = ""
+    reply: str = ""
+    errors: int = 0
+    reference_tokens: int = 0
+    feed_lag_ms: float = 0.0
+    """Worst lateness of an input frame: above a frame or two the machine is saturated."""
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, metric: str) -> float | None:
+        """The metric by name."""
+        value = getattr(self, metric)
+        return None if value is None else float(value)
+
+
+def reference(vad: VoiceActivityModel, config: TurnConfig, item: CorpusItem) -> Reference:
+    """Speech end of the utterance and speech start of its interruption, per our VAD."""
+
+    def bounds(samples: np.ndarray) -> tuple[int | None, int | None]:
+        detector = TurnDetector(config, vad.stream())
+        padded = np.concatenate([samples, np.zeros(CORPUS_RATE, np.float32)])
+        events = detector.push(padded)
+        starts = [e.start_sample for e in events if isinstance(e, SpeechStarted)]
+        ends = [e.speech_end_sample for e in events if isinstance(e, UserTurn)]
+        return (starts[0] if starts else None), (ends[-1] if ends else None)
+
+    _, end = bounds(item.audio)
+    if end is None:
+        raise ValueError(f"corpus item {item.name}: our VAD finds no speech in it")
+    start = bounds(item.barge_in)[0] if item.barge_in is not None else None
+    return Reference(end, start)
+
+
+def _stop_rule(with_interruption: bool) -> Callable[[CallTrace, float], bool]:
+    def stop(trace: CallTrace, tail_s: float) -> bool:
+        if not trace.played:
+            return False
+        now = time.monotonic()
+        if with_interruption:
+            return now - trace.played[-1][0] >= _SETTLE_S
+        # Every figure is known once the first reply audio is out: no need to hear it all.
+        return now - trace.played[0][0] >= _SETTLE_S
+
+    return stop
+
+
+def _first_audio_after(trace: CallTrace, t: float) -> float | None:
+    return next((at for at, _ in trace.played if at > t), None)
+
+
+def _end_of_run_at(trace: CallTrace, t: float) -> float | None:
+    """Last frame of the stretch of output being played at ``t``; None if silent then."""
+    times = [at for at, _ in trace.played]
+    before = [i for i, at in enumerate(times) if at <= t]
+    if not before or t - times[before[-1]] > _RUN_GAP_S:
+        return None
+    i = before[-1]
+    while i + 1 < len(times) and times[i + 1] - times[i] <= _RUN_GAP_S:
+        i += 1
+    return times[i]
+
+
+def _feed_lag_ms(trace: CallTrace) -> float:
+    lags = [at - (trace.t0 + i * FRAME_S) for i, at in enumerate(trace.input_times)]
+    return round(max(lags, default=0.0) * 1000, 1)
+
+
+def run_one(
+    pipeline: Pipeline,
+    setup: LanguageSetup,
+    pause_model: SileroV6PauseModel,
+    item: CorpusItem,
+    ref: Reference,
+    *,
+    repeat: int = 0,
+    sessions: int = 1,
+    interrupt: bool = True,
+    interrupt_after_s: float = 1.0,
+    max_tail_s: float = 15.0,
+) -> Measurement:
+    """Drive one simulated call through ``pipeline`` and measure it."""
+    interruption = None
+    if interrupt and item.barge_in is not None:
+        interruption = Interruption(item.barge_in, interrupt_after_s)
+    ours: VoiceHandler | None = None
+    baseline_turns: list[BaselineTurn] = []
+    if pipeline == "ours":
+        ours = VoiceHandler(setup.runtime, channel="simulate", persona=setup.persona, greet=False)
+        trace = drive(
+            ours,
+            (CORPUS_RATE, item.audio),
+            interruption=interruption,
+            stop_when=_stop_rule(interruption is not None),
+            max_tail_s=max_tail_s,
+            as_int16=True,
+        )
+    else:
+        call = cookbook_call(setup.stack, pause_model)
+        baseline_turns = call.turns
+        try:
+            trace = drive(
+                call.handler,
+                (CORPUS_RATE, item.audio),
+                interruption=interruption,
+                stop_when=_stop_rule(interruption is not None),
+                max_tail_s=max_tail_s,
+                as_int16=True,
+            )
+        finally:
+            call.close()
+    m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
+    m.feed_lag_ms = _feed_lag_ms(trace)
+    speech_end_t = trace.wall_time(ref.speech_end - 1)
+    first_audio = _first_audio_after(trace, speech_end_t)
+    if first_audio is None:
+        m.notes.append("no reply audio")
+    else:
+        m.v2v_ms = round((first_audio - speech_end_t) * 1000, 1)
+    interrupted = False
+    if ours is not None:
+        turns: list[Turn] = [t for t in ours.completed_turns if t.user_text]
+        if turns:
+            turn = turns[0]
+            timings = turn.timings
+            m.endpoint_ms, m.stt_ms = timings.endpoint_ms, timings.stt_ms
+            m.llm_ttft_ms = timings.llm_ttft_ms
+            m.llm_first_chunk_ms = timings.llm_first_chunk_ms
+            m.tts_first_ms = timings.tts_first_ms
+            m.transcript, m.reply = turn.user_text, turn.assistant_text
+            interrupted = turn.interrupted
+    elif baseline_turns:
+        record = baseline_turns[0]
+        m.endpoint_ms = round((record.called_t - speech_end_t) * 1000, 1)
+        m.stt_ms, m.tts_first_ms = record.stt_ms, record.tts_first_ms
+        m.llm_ttft_ms = m.llm_first_chunk_ms = record.llm_ms
+        m.transcript, m.reply = record.user_text, record.reply_text
+        interrupted = record.interrupted or len(baseline_turns) > 1
+        if record.error:
+            m.notes.append(f"reply failed: {record.error}")
+    else:
+        m.notes.append("no turn")
+    count = error_count(item.text, m.transcript, item.language)
+    m.errors, m.reference_tokens = count.errors, count.length
+    if interruption is not None:
+        _measure_barge_in(m, trace, ref, interrupted)
+    return m
+
+
+def _measure_barge_in(m: Measurement, trace: CallTrace, ref: Reference, interrupted: bool) -> None:
+    if trace.interruption_start_sample is None or ref.interruption_start is None:
+        m.notes.append("interruption not played")
+        return
+    start_t = trace.wall_time(trace.interruption_start_sample + ref.interruption_start)
+    stop_t = _end_of_run_at(trace, start_t)
+    if stop_t is None:
+        m.notes.append("agent silent when the interruption started")
+    elif not interrupted:
+        m.notes.append("reply ended before the interruption stopped it")
+    else:
+        m.bargein_stop_ms = round(max(0.0, stop_t - start_t) * 1000, 1)
+
+
+def run_interleaved(
+    setups: dict[str, LanguageSetup],
+    items: Sequence[CorpusItem],
+    *,
+    repeats: int,
+    interrupt_after_s: float = 1.0,
+    progress: Callable[[Measurement], None] | None = None,
+) -> list[Measurement]:
+    """Each item through ours then the baseline (A B A B ...), ``repeats`` times over."""
+    pause_models = {lang: SileroV6PauseModel(s.runtime.vad) for lang, s in setups.items()}
+    for model in pause_models.values():
+        model.warmup()
+    refs = {
+        item.name: reference(
+            setups[item.language].runtime.vad, setups[item.language].runtime.turn_config, item
+        )
+        for item in items
+    }
+    results: list[Measurement] = []
+    for repeat in range(repeats):
+        for item in items:
+            setup = setups[item.language]
+            for pipeline in PIPELINES:
+                m = run_one(
+                    pipeline,
+                    setup,
+                    pause_models[item.language],
+                    item,
+                    refs[item.name],
+                    repeat=repeat,
+                    interrupt_after_s=interrupt_after_s,
+                )
+                results.append(m)
+                if progress is not None:
+                    progress(m)
+    return results
+
+
+def session_levels(max_sessions: int) -> list[int]:
+    """1, 2, 4, ... up to ``max_sessions`` (always included)."""
+    levels = [1]
+    while levels[-1] * 2 < max_sessions:
+        levels.append(levels[-1] * 2)
+    if max_sessions > 1:
+        levels.append(max_sessions)
+    return levels
+
+
+def run_sessions(
+    setup: LanguageSetup,
+    items: Sequence[CorpusItem],
+    *,
+    max_sessions: int,
+    pipelines: Sequence[Pipeline] = ("ours",),
+    calls_per_level: int = 6,
+    progress: Callable[[Measurement], None] | None = None,
+) -> list[Measurement]:
+    """N simultaneous calls (N = 1, 2, 4 … max), each on a different item, no interruption."""
+    pause_model = SileroV6PauseModel(setup.runtime.vad)
+    refs = {
+        item.name: reference(setup.runtime.vad, setup.runtime.turn_config, item) for item in items
+    }
+    results: list[Measurement] = []
+    lock = threading.Lock()
+    for pipeline in pipelines:
+        for level in session_levels(max_sessions):
+            rounds = max(1, math.ceil(calls_per_level / level))
+            for round_ in range(rounds):
+                batch = [items[(round_ * level + k) % len(items)] for k in range(level)]
+
+                def call(
+                    item: CorpusItem,
+                    pipeline: Pipeline = pipeline,
+                    level: int = level,
+                    round_: int = round_,
+                ) -> None:
+                    m = run_one(
+                        pipeline,
+                        setup,
+                        pause_model,
+                        item,
+                        refs[item.name],
+                        repeat=round_,
+                        sessions=level,
+                        interrupt=False,
+                    )
+                    with lock:
+                        results.append(m)
+                    if progress is not None:
+                        progress(m)
+
+                threads = [
+                    threading.Thread(target=call, args=(item,), name=f"session-{k}", daemon=True)
+                    for k, item in enumerate(batch)
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+    return results
