@@ -151,7 +151,8 @@ def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
 
 
 def build_stream(runtime: Runtime, settings: Settings) -> Any:
-    """The FastRTC stream with its Gradio page: persona picker, audio, transcript, latencies."""
+    """The FastRTC stream with its Gradio page: persona picker, audio, transcript, latencies,
+    and (with a turn log) the recent conversations, one of which a call may continue."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
     from fastrtc import Stream
@@ -168,7 +169,11 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
         concurrency_limit=settings.concurrency_limit,
         time_limit=settings.time_limit_s,
         additional_inputs=[
-            gr.Dropdown(choices=choices, value=runtime.default_persona, label="Persona")
+            gr.Dropdown(choices=choices, value=runtime.default_persona, label="Persona"),
+            gr.Textbox(
+                label="Continue conversation (id, optional)",
+                placeholder="pick one in the conversation log below",
+            ),
         ],
         additional_outputs=[
             gr.Chatbot(type="messages", label="Transcript", height=420),
@@ -182,12 +187,28 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
     )
 
 
+def build_page(stream: Any, runtime: Runtime) -> Any:
+    """The page to serve: the stream's UI, plus the conversation log when there is one."""
+    import gradio as gr
+
+    from voicebot.ui import ConversationLog, add_conversation_log
+
+    store = runtime.store
+    if store is None or not hasattr(store, "conversations"):
+        return stream.ui
+    log: ConversationLog = store  # type: ignore[assignment]
+    conversation_box = stream.additional_input_components[1]
+    with gr.Blocks(title="voicebot", analytics_enabled=False) as page:
+        stream.ui.render()
+        add_conversation_log(log, conversation_box)
+    return page
+
+
 def launch_ui(settings: Settings, runtime: Runtime) -> None:
     """Serve the Gradio page (blocks until interrupted)."""
-    stream = build_stream(runtime, settings)
-    url = f"http://{settings.host}:{settings.port}"
-    logger.info("voicebot UI on %s", url)
-    stream.ui.launch(
+    page = build_page(build_stream(runtime, settings), runtime)
+    logger.info("voicebot UI on http://%s:%s", settings.host, settings.port)
+    page.launch(
         server_name=settings.host,
         server_port=settings.port,
         share=False,
@@ -201,6 +222,7 @@ __all__ = [
     "ConfigError",
     "VoicebotError",
     "build_runtime",
+    "build_page",
     "build_stream",
     "launch_ui",
     "turn_config",

@@ -188,9 +188,34 @@ class VoiceHandler(StreamHandler):
         """Pick the persona, open the conversation and speak the greeting."""
         if self.persona_from_ui and not self.phone_mode:
             self.wait_for_args_sync()  # type: ignore[no-untyped-call]
-            if len(self.latest_args) > 1 and isinstance(self.latest_args[1], str):
-                self.set_persona(self.latest_args[1])
+            args = [*self.latest_args[1:], None, None]
+            if isinstance(args[0], str):
+                self.set_persona(args[0])
+            if isinstance(args[1], str) and args[1].strip():
+                self.resume(args[1].strip())
         self._open()
+
+    def resume(self, conversation_id: str | uuid.UUID) -> None:
+        """Continue an earlier conversation: its id, numbering and history window."""
+        store = self.runtime.store
+        try:
+            cid = uuid.UUID(str(conversation_id))
+        except ValueError:
+            logger.warning(
+                "not a conversation id: %r; starting a new conversation", conversation_id
+            )
+            return
+        if store is None:
+            logger.warning("no turn log: cannot continue conversation %s", cid)
+            return
+        try:
+            turns = store.recent_turns(cid, self._stack.persona.history_turns)
+        except StageError as e:
+            logger.warning("%s; starting a new conversation", e)
+            return
+        self.conversation_id = cid
+        self.history = [m for turn in turns for m in turn.history_messages()]
+        self._sequence = max((t.sequence for t in turns), default=0)
 
     def _open(self) -> None:
         with self._lock:

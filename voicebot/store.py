@@ -515,6 +515,14 @@ class PostgresTurnStore:
         except psycopg.Error as e:
             raise StageError("store", f"cannot load conversation {conversation_id}: {e}") from e
 
+    def conversations(self, limit: int = 20) -> list[ConversationSummary]:
+        """The latest conversations, newest first (blocking: call it off the event loop)."""
+        try:
+            with self._pool.connection(timeout=self._timeout_s) as conn:
+                return list_conversations(conn, limit)
+        except psycopg.Error as e:
+            raise StageError("store", f"cannot list conversations: {e}") from e
+
     # -- status
 
     def pending(self) -> int:

@@ -1,11 +1,23 @@
-"""Gradio side of the page: turn updates from the handler become transcript bubbles and a
-latency table."""
+"""The Gradio page: the call (persona picker, audio, live transcript, latencies) and the
+conversation log (recent conversations; open one to read it or to continue it).
+
+Imports gradio: only the page's builder imports this module.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import uuid
+from typing import Any, Protocol
 
+import gradio as gr
+
+from voicebot.conversation import Turn
+from voicebot.errors import StageError
 from voicebot.handler import TurnUpdate
+from voicebot.store import ConversationSummary
+
+logger = logging.getLogger(__name__)
 
 LATENCY_HEADER = (
     "| turn | endpoint | STT | LLM 1st token | TTS 1st audio | voice-to-voice | barge-in stop |\n"
@@ -13,15 +25,32 @@ LATENCY_HEADER = (
 )
 
 
+class ConversationLog(Protocol):
+    """What the page reads from the turn log."""
+
+    def conversations(self, limit: int = 20) -> list[ConversationSummary]: ...
+
+    def recent_turns(self, conversation_id: uuid.UUID, limit: int) -> list[Turn]: ...
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f} ms"
 
 
-def latency_row(update: TurnUpdate) -> str:
+def latency_row(turn: Turn) -> str:
     """One markdown table row with the turn's timings."""
-    t = update.turn.timings
+    t = turn.timings
     cells = [t.endpoint_ms, t.stt_ms, t.llm_ttft_ms, t.tts_first_ms, t.v2v_ms, t.bargein_stop_ms]
-    return f"| {update.turn.sequence} | " + " | ".join(_ms(c) for c in cells) + " |"
+    return f"| {turn.sequence} | " + " | ".join(_ms(c) for c in cells) + " |"
+
+
+def _assistant_text(turn: Turn) -> str:
+    text = turn.assistant_text or ""
+    if turn.interrupted:
+        text += " ⏹"
+    if turn.error:
+        text += f"\n\n⚠️ {turn.error}"
+    return text
 
 
 def on_turn_update(
@@ -35,11 +64,68 @@ def on_turn_update(
     if user is None:
         messages.append({"role": "user", "content": turn.user_text, "metadata": {"id": f"u-{key}"}})
     if update.final:
-        text = turn.assistant_text or ""
-        if turn.interrupted:
-            text += " ⏹"
-        if turn.error:
-            text += f"\n\n⚠️ {turn.error}"
-        messages.append({"role": "assistant", "content": text, "metadata": {"id": f"a-{key}"}})
-        latency = (latency or LATENCY_HEADER) + "\n" + latency_row(update)
+        messages.append(
+            {"role": "assistant", "content": _assistant_text(turn), "metadata": {"id": f"a-{key}"}}
+        )
+        latency = (latency or LATENCY_HEADER) + "\n" + latency_row(turn)
     return messages, latency or ""
+
+
+def transcript_messages(turns: list[Turn]) -> list[dict[str, str]]:
+    """Chatbot messages for stored turns."""
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn.user_text})
+        messages.append({"role": "assistant", "content": _assistant_text(turn)})
+    return messages
+
+
+def conversation_rows(summaries: list[ConversationSummary]) -> list[list[str]]:
+    """Rows for the recent-conversations table."""
+    return [
+        [
+            str(s.conversation_id),
+            s.persona or "?",
+            s.channel or "?",
+            s.started_at.strftime("%Y-%m-%d %H:%M"),
+            str(s.turns),
+        ]
+        for s in summaries
+    ]
+
+
+def add_conversation_log(log: ConversationLog, conversation_box: Any) -> None:
+    """Render the conversation-log section inside the current ``gr.Blocks``.
+
+    Picking a row shows its transcript and puts its id in ``conversation_box``, which the
+    next call reads to continue that conversation.
+    """
+
+    def refresh() -> list[list[str]]:
+        try:
+            return conversation_rows(log.conversations(20))
+        except StageError as e:
+            logger.warning("%s", e)
+            return []
+
+    def open_row(rows: Any, event: gr.SelectData) -> tuple[list[dict[str, str]], str]:
+        row = event.index[0] if isinstance(event.index, list | tuple) else event.index
+        values = rows.values.tolist() if hasattr(rows, "values") else rows
+        conversation_id = uuid.UUID(str(values[row][0]))
+        try:
+            turns = log.recent_turns(conversation_id, 200)
+        except StageError as e:
+            logger.warning("%s", e)
+            turns = []
+        return transcript_messages(turns), str(conversation_id)
+
+    with gr.Accordion("Conversation log", open=False):
+        refresh_button = gr.Button("Refresh", size="sm")
+        table = gr.Dataframe(
+            headers=["conversation", "persona", "channel", "started", "turns"],
+            value=refresh,
+            interactive=False,
+        )
+        stored = gr.Chatbot(type="messages", label="Stored transcript", height=300)
+        refresh_button.click(refresh, outputs=table)
+        table.select(open_row, inputs=table, outputs=[stored, conversation_box])
