@@ -3,74 +3,190 @@
 A pure decision on what the overlapping speech said and how long it lasted; the handler
 pauses the agent at once when the user starts talking over it, then either resumes (a
 backchannel) or drops the rest of the reply (a real interruption).
+
+The transcript comes from whisper, which writes the same aizuchi many ways ("Uh-huh." /
+"uh huh" / "Mm-hmm", 「はい。」/「ハイ」/「はーい」, 「うんうんうん」, 「はい、そうですね」), so
+both the transcript and the phrase list are reduced to a canonical form (NFKC, lower case,
+katakana as hiragana, no punctuation, spaces or long-vowel marks, doubled Latin letters
+collapsed) and the transcript counts as a backchannel when it is nothing but a sequence of
+known phrases. Any other word ("wait", 「すみません」, 「いいえ」) makes it an interruption.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+__all__ = [
+    "DEFAULT_BACKCHANNELS",
+    "MAX_BACKCHANNEL_S",
+    "NOISE_TRANSCRIPTS",
+    "is_backchannel",
+    "normalize",
+]
 
 DEFAULT_BACKCHANNELS: dict[str, tuple[str, ...]] = {
     "en": (
         "uh-huh",
-        "uh huh",
         "mm-hmm",
         "mhm",
         "mm",
         "hmm",
+        "um-hmm",
         "yeah",
         "yes",
         "yep",
+        "yup",
+        "yah",
         "right",
         "okay",
         "ok",
+        "k",
         "sure",
         "i see",
         "got it",
+        "gotcha",
         "oh",
         "ah",
+        "aha",
+        "uh",
         "alright",
         "all right",
         "cool",
+        "great",
+        "nice",
+        "good",
+        "wow",
+        "really",
+        "exactly",
+        "true",
+        "indeed",
+        "of course",
+        "sounds good",
+        "makes sense",
+        "fair enough",
+        "interesting",
+        "perfect",
+        "thanks",
+        "thank you",
     ),
     "ja": (
         "はい",
+        "はーい",
         "ええ",
         "うん",
+        "うーん",
+        "ん",
+        "そう",
+        "そうそう",
         "そうですね",
-        "なるほど",
-        "はいはい",
-        "うんうん",
-        "ええええ",
-        "へえ",
-        "へー",
-        "そうなんですね",
+        "そうですよね",
         "そうですか",
-        "ですね",
+        "そうなんですね",
+        "そうなんですか",
+        "そうなんだ",
+        "そっか",
+        "そうか",
+        "なるほど",
+        "なるほどね",
+        "なるほどですね",
         "たしかに",
         "確かに",
+        "ですね",
+        "ですよね",
+        "へえ",
+        "へー",
+        "ほう",
+        "ふーん",
         "ああ",
+        "あー",
+        "あ",
+        "おお",
+        "おー",
+        "ね",
+        "ねえ",
+        "わかりました",
+        "分かりました",
+        "了解",
+        "了解です",
+        "承知しました",
+        "いいですね",
+        "本当",
+        "ほんと",
+        "オッケー",
+        "ok",
+        "okay",
     ),
 }
+"""Used for a persona's language in addition to the persona's own ``backchannels``."""
+
+NOISE_TRANSCRIPTS: dict[str, tuple[str, ...]] = {
+    "en": ("you", "thank you for watching", "bye"),
+    "ja": ("ご視聴ありがとうございました", "ご清聴ありがとうございました", "おやすみなさい"),
+}
+"""What whisper writes for a breath, a cough or line noise it cannot make sense of: the
+overlapping sound said nothing, which is no reason to stop the agent."""
 
 MAX_BACKCHANNEL_S = 1.2
 """Longer overlapping speech is always a real interruption."""
 
-_PUNCTUATION = re.compile(r"[\s\W_]+", re.UNICODE)
+_NOT_SPOKEN = re.compile(r"[\s\W_ー〜~]+", re.UNICODE)
+_DOUBLED_LATIN = re.compile(r"([a-z])\1+")
+_KATAKANA = re.compile(r"[\u30a1-\u30f6]")
+_KANA_RUN = re.compile(r"([\u3041-\u3096])\1{2,}")
+# Small vowels and っ lengthen or clip a sound (「へぇ」「はいっ」): read them as the sound itself.
+_SMALL_KANA = str.maketrans("ぁぃぅぇぉっ", "あいうえお ")
 
 
 def normalize(text: str) -> str:
-    """Lower-case, NFKC, without punctuation or spaces, so 'Uh-huh.' matches 'uh huh'."""
-    return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).lower())
+    """The canonical form that transcripts and phrases are compared in.
+
+    'Uh-huh.' and 'uh huh' → 'uhuh'; 「ハイ。」 and 「はーい」 → 「はい」; 「ええええ」 → 「ええ」.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _KATAKANA.sub(lambda m: chr(ord(m.group(0)) - 0x60), text)
+    text = text.translate(_SMALL_KANA)
+    text = _NOT_SPOKEN.sub("", text)
+    text = _DOUBLED_LATIN.sub(r"\1", text)  # "mmm", "hmmm", "yeahhh", "okk"
+    return _KANA_RUN.sub(r"\1\1", text)  # 「えええ」 → 「ええ」
+
+
+@lru_cache(maxsize=64)
+def _vocabulary(phrases: tuple[str, ...], language: str) -> frozenset[str]:
+    base = DEFAULT_BACKCHANNELS.get(_language(language), ())
+    return frozenset(p for p in (normalize(x) for x in (*base, *phrases)) if p)
+
+
+@lru_cache(maxsize=8)
+def _noise(language: str) -> frozenset[str]:
+    return frozenset(normalize(x) for x in NOISE_TRANSCRIPTS.get(_language(language), ()))
+
+
+def _language(language: str) -> str:
+    return language.strip().lower().replace("_", "-").split("-")[0]
+
+
+def _only_phrases(said: str, vocabulary: Iterable[str]) -> bool:
+    """Whether ``said`` is a concatenation of vocabulary items (「はいはいはい」, 'yeahright')."""
+    words = sorted(set(vocabulary), key=len, reverse=True)
+    reachable = [True] + [False] * len(said)
+    for end in range(1, len(said) + 1):
+        reachable[end] = any(
+            len(w) <= end and reachable[end - len(w)] and said.endswith(w, 0, end) for w in words
+        )
+    return reachable[-1]
 
 
 def is_backchannel(text: str, duration_s: float, phrases: Sequence[str], language: str) -> bool:
-    """Whether overlapping speech of ``duration_s`` that said ``text`` is only a backchannel."""
+    """Whether overlapping speech of ``duration_s`` that said ``text`` is only a backchannel.
+
+    ``phrases`` (the persona's list) adds to the language's defaults.
+    """
     if duration_s > MAX_BACKCHANNEL_S:
         return False
     said = normalize(text)
-    if not said:
+    if not said or said in _noise(language):
         return True  # nothing intelligible: a cough or a breath is no reason to stop
-    known = {normalize(p) for p in (phrases or DEFAULT_BACKCHANNELS.get(language, ()))}
-    return said in known
+    return _only_phrases(said, _vocabulary(tuple(phrases), language))
