@@ -221,8 +221,8 @@ def launch_ui(settings: Settings, runtime: Runtime) -> None:
 __all__ = [
     "ConfigError",
     "VoicebotError",
-    "build_runtime",
     "build_page",
+    "build_runtime",
     "build_stream",
     "launch_ui",
     "turn_config",

@@ -287,6 +287,7 @@ def simulate_call(
     persona: str | None = None,
     conversation_id: uuid.UUID | None = None,
     history: list[Message] | None = None,
+    sequence_start: int = 0,
     greet: bool = False,
     max_tail_s: float = 30.0,
     settle_s: float = 0.6,
@@ -299,6 +300,7 @@ def simulate_call(
         persona=persona,
         conversation_id=conversation_id,
         history=history,
+        sequence_start=sequence_start,
         greet=greet,
     )
     idle_since: list[float] = []
