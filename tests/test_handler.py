@@ -181,3 +181,20 @@ def test_talking_over_the_agent_longer_than_a_backchannel_stops_it_before_the_en
     result = simulate_call(rt, (16000, audio))
     assert result.turns[0].interrupted
     assert len(result.turns) == 2
+
+
+def test_malformed_frames_are_dropped_and_the_call_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stt = fakes.FakeTranscriber()
+    rt = fakes.runtime(transcriber=stt)
+    handler = VoiceHandler(rt, channel="simulate", greet=False)
+    handler.start_up()
+    with caplog.at_level("WARNING"):
+        handler.receive((0, np.zeros(320, np.float32)))  # no sample rate
+        handler.receive((16000, np.zeros((2, 2, 2), np.float32)))  # three axes
+        handler.receive((16000, np.zeros((2, 2, 2), np.float32)))
+    assert len([r for r in caplog.records if "dropping" in r.getMessage()]) == 1  # logged once
+    audio = np.concatenate([tone(0.6), silence(1.0)])
+    result = simulate_call(rt, (16000, audio), handler=handler)
+    assert len(result.turns) == 1

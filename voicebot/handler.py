@@ -161,6 +161,7 @@ class VoiceHandler(StreamHandler):
         self._sequence = sequence_start  # a resumed conversation numbers on
         self._started = False
         self._closed = False
+        self._receive_errors = 0
         self._close_message: str | None = None
         self.completed_turns: list[Turn] = []
         self.caller_ref = caller_ref
@@ -246,12 +247,23 @@ class VoiceHandler(StreamHandler):
 
     def receive(self, frame: Audio) -> None:
         """Take one input frame (any rate, int16 or float, mono or stereo)."""
+        try:
+            self._receive(frame)
+        except Exception:
+            # One bad frame or a bug in a stage must not end the call: log it once per call.
+            self._receive_errors += 1
+            if self._receive_errors == 1:
+                logger.exception("call %s: dropping an input frame", self.conversation_id)
+
+    def _receive(self, frame: Audio) -> None:
         if not self._started:
             self._open()
         try:
             rate, samples = to_mono_float32(frame)
         except ValueError as e:
-            logger.warning("dropping an input frame: %s", e)
+            self._receive_errors += 1
+            if self._receive_errors == 1:
+                logger.warning("call %s: dropping input frames: %s", self.conversation_id, e)
             return
         samples = resample(samples, rate, VAD_SAMPLE_RATE)
         now = self._clock()
@@ -470,12 +482,23 @@ class VoiceHandler(StreamHandler):
         stack = self._stack
         persona = stack.persona
         audio = event.audio
-        duration_s = (event.speech_end_sample - event.start_sample) / VAD_SAMPLE_RATE
+        # The turn's audio starts with the pre-roll: the speech itself is that much shorter.
+        pre_roll_s = self.runtime.turn_config.pre_roll_ms / 1000
+        duration_s = max(
+            0.0, (event.speech_end_sample - event.start_sample) / VAD_SAMPLE_RATE - pre_roll_s
+        )
+        # The early transcription of this very utterance, if one is under way: the agent
+        # stays silent until we know, so do not transcribe twice.
+        early = self._speculative
+        self._speculative = None
         future: Future[str] = Future()
 
         def classify() -> None:
             try:
-                text = stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), persona.language)
+                if early is not None and early[0] == event.speech_end_sample:
+                    text = early[1].result()
+                else:
+                    text = stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), persona.language)
             except Exception as e:
                 future.set_exception(e)
                 self._stop_paused_reply("unintelligible")
