@@ -31,7 +31,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -40,6 +40,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voicebot.conversation import Channel, Turn
@@ -75,8 +76,9 @@ BackendFactory = Callable[[Settings], AbstractContextManager[Backend]]
 
 
 @contextlib.contextmanager
-def default_backend(settings: Settings) -> Iterator[Backend]:
-    """PostgreSQL (embedded unless VOICEBOT_DATABASE_URL), the turn store and every model."""
+def default_backend(settings: Settings, personas: Iterable[str] | None = None) -> Iterator[Backend]:
+    """PostgreSQL (embedded unless VOICEBOT_DATABASE_URL), the turn store and the models of
+    ``personas`` (default: every persona file)."""
     from voicebot.app import build_runtime
     from voicebot.database import open_database
     from voicebot.store import PostgresTurnStore
@@ -87,7 +89,7 @@ def default_backend(settings: Settings) -> Iterator[Backend]:
             database.dsn, settings.spool_path, settings.store_queue_size
         ).start()
         try:
-            yield Backend(build_runtime(settings, store=store), database.dsn)
+            yield Backend(build_runtime(settings, personas=personas, store=store), database.dsn)
         finally:
             store.close()
 
@@ -529,6 +531,15 @@ class VoiceService:
 # --- routes ------------------------------------------------------------------------------------
 
 
+class Offer(BaseModel):
+    """FastRTC's offer body: an SDP offer, or an ICE candidate for a connection."""
+
+    sdp: str | None = None
+    candidate: dict[str, Any] | None = None
+    type: str
+    webrtc_id: str
+
+
 def _turn_json(turn: Turn) -> dict[str, Any]:
     data = dataclasses.asdict(turn)
     out: dict[str, Any] = json.loads(json.dumps(data, default=str))  # UUIDs, datetimes → str
@@ -577,18 +588,18 @@ def _sse_response(source: AsyncIterator[tuple[str, Any]]) -> StreamingResponse:
 
 
 def _build_router(service: VoiceService) -> APIRouter:
-    from fastrtc.stream import Body
-
     settings = service.settings
     router = APIRouter(prefix=service.path)
     stream = service.stream
 
     @router.post("/webrtc/offer", tags=["voicebot"])
-    async def offer(body: Body) -> Any:
+    async def offer(body: Offer) -> Any:
         if body.type == "offer" and not service.try_acquire("api"):
             service.metrics.call_rejected("api", "busy")
             return JSONResponse(service.busy_body(), status_code=503)
-        return await stream.offer(body)
+        return await stream.handle_offer(
+            body.model_dump(), set_outputs=stream.set_additional_outputs(body.webrtc_id)
+        )
 
     @router.websocket("/websocket/offer")
     async def websocket_offer(websocket: WebSocket) -> None:

@@ -55,7 +55,6 @@ LANGUAGE_TAGS = {"en": "en-US", "ja": "ja-JP"}
 # --- μ-law (G.711), in numpy: audioop is deprecated and gone in Python 3.13 --------------------
 
 _BIAS = 0x84
-_CLIP = 32635
 
 
 def _decode_table() -> npt.NDArray[np.int16]:
@@ -74,14 +73,19 @@ def ulaw_decode(data: bytes) -> npt.NDArray[np.int16]:
     return _ULAW_TO_PCM[np.frombuffer(data, dtype=np.uint8)]
 
 
+_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
+
+
 def ulaw_encode(pcm: npt.NDArray[np.int16]) -> bytes:
-    """int16 PCM to 8-bit μ-law bytes."""
-    x = pcm.astype(np.int32)
-    sign = np.where(x < 0, 0x80, 0)
-    magnitude = np.minimum(np.abs(x), _CLIP) + _BIAS
-    exponent = np.floor(np.log2(magnitude)).astype(np.int32) - 7
-    mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    encoded: bytes = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+    """int16 PCM to 8-bit μ-law bytes (the classic 14-bit g711.c encoder, as audioop did)."""
+    value = pcm.astype(np.int32) >> 2
+    negative = value < 0
+    magnitude = np.minimum(np.abs(value), 8159) + (_BIAS >> 2)
+    segment = np.searchsorted(_SEG_END, magnitude, side="left")
+    mask = np.where(negative, 0x7F, 0xFF)
+    code = (np.minimum(segment, 7) << 4) | ((magnitude >> (np.minimum(segment, 7) + 1)) & 0x0F)
+    code = np.where(segment >= 8, 0x7F, code) ^ mask
+    encoded: bytes = code.astype(np.uint8).tobytes()
     return encoded
 
 
