@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,11 @@ import pytest
 from fastrtc import SileroVadOptions
 from fastrtc.pause_detection.silero import SileroVADModel
 
+from voicebot.audio import MonoAudio
 from voicebot.bench.baseline import SileroV6PauseModel, speech_timestamps
 from voicebot.bench.corpus import (
     INTERRUPT_EN,
+    Speak,
     UtteranceSpec,
     generate_corpus,
     load_corpus,
@@ -41,7 +42,7 @@ class _ScriptedV4(SileroVADModel):
     def __init__(self, probabilities: list[float]) -> None:
         self._probabilities = iter(probabilities)
 
-    def __call__(self, x, state, sr):  # type: ignore[no-untyped-def]
+    def __call__(self, x, state, sr):
         return next(self._probabilities), state
 
 
@@ -51,29 +52,29 @@ def test_pause_model_timestamps_match_fastrtc(seed: int) -> None:
     options = SileroVadOptions(min_silence_duration_ms=300, speech_pad_ms=100)
     n = 80
     # Runs of speech and silence, like a VAD's output.
-    probabilities = np.repeat(rng.random(n // 8) > 0.5, 8).astype(float) * 0.9
-    probabilities = list(np.clip(probabilities + rng.normal(0, 0.05, n), 0, 1))
+    runs = np.repeat(rng.random(n // 8) > 0.5, 8).astype(float) * 0.9
+    probabilities = [float(p) for p in np.clip(runs + rng.normal(0, 0.05, n), 0, 1)]
     audio = np.zeros(n * options.window_size_samples, np.float32)
     theirs = _ScriptedV4(probabilities).get_speech_timestamps(audio, options)
     assert speech_timestamps(probabilities, audio.size, options) == theirs
 
 
-def _speaker(voice: Path) -> Iterator[object]:
+def _speaker(voice: Path) -> Speak:
     from piper import PiperVoice, SynthesisConfig
 
     model = PiperVoice.load(voice)
     config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
 
-    def speak(text: str) -> tuple[int, np.ndarray]:
+    def speak(text: str) -> MonoAudio:
         chunks = [c.audio_float_array for c in model.synthesize(text, syn_config=config)]
         return model.config.sample_rate, np.concatenate(chunks)
 
-    yield speak
+    return speak
 
 
 def test_pause_model_hears_real_speech(joe_voice_path: Path, silero_model_path: Path) -> None:
-    speak = next(_speaker(joe_voice_path))
-    rate, speech = speak("Good morning, how are you?")  # type: ignore[operator]
+    speak = _speaker(joe_voice_path)
+    rate, speech = speak("Good morning, how are you?")
     model = SileroV6PauseModel(SileroVad(silero_model_path))
     model.warmup()
     seconds, chunks = model.vad((rate, speech), None)
@@ -85,7 +86,7 @@ def test_pause_model_hears_real_speech(joe_voice_path: Path, silero_model_path: 
 def test_bench_tiny_corpus_end_to_end(
     tmp_path: Path, tiny_en_model_dir: Path, joe_voice_path: Path
 ) -> None:
-    speak = next(_speaker(joe_voice_path))
+    speak = _speaker(joe_voice_path)
     corpus = tmp_path / "corpus"
     specs = (
         UtteranceSpec("short", "Hello there.", "en", lead_s=0.3, tail_s=0.3),
@@ -98,7 +99,7 @@ def test_bench_tiny_corpus_end_to_end(
             barge_in=INTERRUPT_EN.name,
         ),
     )
-    generate_corpus(corpus, {"en": speak}, specs)  # type: ignore[dict-item]
+    generate_corpus(corpus, {"en": speak}, specs)
     items = load_corpus(corpus)
     assert [i.name for i in items] == ["short", "long"]
     assert items[1].barge_in is not None and items[0].barge_in is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def run_bench(
     """Load the corpus and models, run both pipelines interleaved, then the scaling run."""
     from voicebot.ollama_server import OllamaProtocolServer
 
+    # ReplyOnPause reports "pause detected" to an event loop that a simulated call lacks.
+    warnings.filterwarnings("ignore", "coroutine 'StreamHandlerBase.send_message'")
     items = load_corpus(options.corpus, languages=options.languages, limit=options.limit)
     server = None
     host = options.ollama_host
