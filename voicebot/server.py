@@ -223,24 +223,32 @@ class _Guard:
             await _deny(scope, receive, send, 413, f"request body over {limit} bytes")
             return
         seen = 0
+        refused = False
 
         async def counted() -> Message:
-            nonlocal seen
+            # Chunked bodies have no length: count as they arrive and answer 413 ourselves.
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    refused = True
+                    await _deny(scope, receive, send, 413, f"request body over {limit} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
+        async def guarded(message: Message) -> None:
+            if not refused:
+                await send(message)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _deny(scope, receive, send, 413, f"request body over {limit} bytes")
-
-
-class _TooLarge(Exception):
-    pass
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not refused:
+                raise
+            logger.debug("request cut at the body limit", exc_info=True)
 
 
 def _token_of(scope: Scope) -> tuple[str | None, bool]:
@@ -667,6 +675,7 @@ def _build_router(service: VoiceService) -> APIRouter:
             slots=service,
             time_limit_s=settings.time_limit_s,
             grace_s=GOODBYE_GRACE_S,
+            on_start=service._phone_calls.add,
             on_update=on_update,
             on_end=on_end,
             on_reject=lambda reason: service.metrics.call_rejected("phone", reason),

@@ -232,6 +232,7 @@ class PhoneCall:
         slots: Slots,
         time_limit_s: float | None,
         grace_s: float = 20.0,
+        on_start: Callable[[str], None] | None = None,
         on_update: Callable[[str, TurnUpdate], None] | None = None,
         on_end: Callable[[str], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
@@ -242,6 +243,7 @@ class PhoneCall:
         self._slots = slots
         self._time_limit_s = time_limit_s
         self._grace_s = grace_s
+        self._on_start = on_start
         self._on_update = on_update
         self._on_end = on_end
         self._on_reject = on_reject
@@ -407,6 +409,8 @@ class PhoneCall:
             loop.call_soon_threadsafe(lambda: loop.create_task(self._clear()))
 
         handler.on_interrupt = on_interrupt
+        if self._on_start is not None:
+            self._on_start(sid)
         logger.info("phone call %s (stream %s) connected", start.call_sid or "?", sid)
         await asyncio.to_thread(handler.start_up)
         reader = asyncio.create_task(self._read_loop(handler), name=f"twilio-read-{sid}")
