@@ -403,3 +403,12 @@ def test_call_events_stream_the_callers_own_turns(tmp_path: Path) -> None:
     assert updates[-1]["turn"]["user_text"] == "hello there"
     assert updates[-1]["turn"]["assistant_text"] == "Sure. Here is a short answer."
     assert np.isfinite(updates[-1]["turn"]["timings"]["v2v_ms"])
+
+
+def test_phone_trial_without_a_token_says_what_is_missing(tmp_path: Path) -> None:
+    from voicebot.cli import app as cli
+
+    env = {"VOICEBOT_DATA_DIR": str(tmp_path), "HF_TOKEN": ""}
+    result = CliRunner().invoke(cli, ["phone"], env=env)
+    assert result.exit_code == 2
+    assert "HF_TOKEN" in result.output and "Hugging Face token" in result.output

@@ -605,8 +605,9 @@ def _build_router(service: VoiceService) -> APIRouter:
         if body.type == "offer" and not service.try_acquire("api"):
             service.metrics.call_rejected("api", "busy")
             return JSONResponse(service.busy_body(), status_code=503)
-        return await stream.handle_offer(
-            body.model_dump(), set_outputs=stream.set_additional_outputs(body.webrtc_id)
+        outputs = stream.set_additional_outputs(body.webrtc_id)
+        return await stream.handle_offer(  # type: ignore[no-untyped-call]
+            body.model_dump(), set_outputs=outputs
         )
 
     @router.websocket("/websocket/offer")
