@@ -271,10 +271,13 @@ class VoiceHandler(StreamHandler):
             agent_speaking = self._agent_audible()
         events = self._detector.push(samples, agent_speaking=agent_speaking)
         self._frame_times.append((self._detector.samples_seen, now))
+        config = self.runtime.turn_config
+        # utterance_samples also counts the trailing silence that has not closed the turn yet:
+        # a 1.1 s 「なるほどですね」 must not count as 1.4 s of speech.
         if (
             self._paused is not None
             and self._detector.utterance_samples
-            > self.runtime.turn_config.backchannel_max_ms * VAD_SAMPLE_RATE // 1000
+            > (config.backchannel_max_ms + config.end_silence_ms) * VAD_SAMPLE_RATE // 1000
         ):
             self._stop_paused_reply("speech too long for a backchannel")
         for event in events:
