@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -93,6 +94,13 @@ def _main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A service manager stops us with SIGTERM: unwind as for Ctrl-C, so the turn log drains
+    # and the embedded PostgreSQL server stops instead of being left running.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command()
