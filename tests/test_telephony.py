@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from tests import fakes
 from tests.fakes import tone
@@ -234,7 +235,9 @@ class TwilioClient:
                 await asyncio.sleep(delay)
 
     async def silence(self, seconds: float) -> None:
-        await self.speak(np.zeros(int(seconds * 8000), np.float32))
+        """Send silence, as a phone line does; stops quietly once the server hung up."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.speak(np.zeros(int(seconds * 8000), np.float32))
 
     async def stop(self) -> None:
         await self.send(
