@@ -444,7 +444,9 @@ class VoiceHandler(StreamHandler):
         may_be_backchannel = self.runtime.turn_config.backchannel_max_ms > 0
         with self._lock:
             reply = self._reply
-            if reply is None or not self._frames:
+            # Already paused (its frames are kept, so the agent still counts as speaking):
+            # keep the first measurement rather than timing a later utterance.
+            if reply is None or not self._frames or self._paused is reply:
                 return
             stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
             if reply.turn is not None:
@@ -618,7 +620,10 @@ class VoiceHandler(StreamHandler):
                     turn.timings.llm_first_chunk_ms = (self._clock() - sent) * 1000
                 yield from chunks
             else:
-                yield from chunker.flush()
+                chunks = chunker.flush()  # a one-chunk reply only completes here
+                if chunks and turn.timings.llm_first_chunk_ms is None:
+                    turn.timings.llm_first_chunk_ms = (self._clock() - sent) * 1000
+                yield from chunks
         except StageError as e:
             logger.error("turn %d: %s", turn.sequence, e)
             turn.error = str(e)
