@@ -49,6 +49,9 @@ class Interruption:
     """At the same rate as the main audio."""
     after_first_audio_s: float = 1.0
     """Start this long after the first reply audio was played."""
+    reply_from: Callable[[], float | None] | None = None
+    """When the reply to talk over started to be returned by ``emit`` (None: not yet);
+    by default, any audio counts."""
 
 
 @dataclass
@@ -74,6 +77,28 @@ class CallTrace:
     """Where the interruption began on the input timeline, once it did."""
     interruption_end_sample: int | None = None
     duration_s: float = 0.0
+    queued: list[tuple[float, int]] = field(default_factory=list)
+    """``(time, number of the first frame)`` for each piece of audio ``emit`` returned; frames
+    are numbered in queue order."""
+    played_numbers: list[int] = field(default_factory=list)
+    """The number of each frame in ``played``."""
+
+    def first_played_from(self, t: float) -> float | None:
+        """When the first frame of audio that ``emit`` returned at or after ``t`` was played.
+
+        Frames queued earlier (and still playing) come first, as a listener hears them.
+        """
+        number = next((n for at, n in self.queued if at >= t), None)
+        if number is None:
+            return None
+        return next(
+            (
+                at
+                for (at, _), n in zip(self.played, self.played_numbers, strict=True)
+                if n >= number
+            ),
+            None,
+        )
 
     def wall_time(self, sample: int) -> float:
         """When the input frame holding ``sample`` was handed to the handler."""
@@ -118,7 +143,8 @@ class _Player:
     def __init__(self, trace: CallTrace, stop: threading.Event) -> None:
         self._trace = trace
         self._stop = stop
-        self._queue: queue.Queue[Samples] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, Samples]] = queue.Queue()
+        self._numbered = 0
         self._start: float | None = None
         self._count = 0
         self._last = 0.0
@@ -126,11 +152,13 @@ class _Player:
     def put(self, audio: MonoAudio) -> None:
         rate, samples = audio
         samples = resample(samples, rate, OUTPUT_RATE)
+        self._trace.queued.append((time.monotonic(), self._numbered))
         for start in range(0, samples.size, OUT_FRAME):
             piece = samples[start : start + OUT_FRAME]
             if piece.size < OUT_FRAME:
                 piece = np.pad(piece, (0, OUT_FRAME - piece.size))
-            self._queue.put(piece)
+            self._queue.put((self._numbered, piece))
+            self._numbered += 1
 
     def clear(self) -> None:
         while True:
@@ -147,7 +175,7 @@ class _Player:
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                frame = self._queue.get(timeout=0.02)
+                number, frame = self._queue.get(timeout=0.02)
             except queue.Empty:
                 continue
             now = time.monotonic()
@@ -162,6 +190,7 @@ class _Player:
             self._count += 1
             self._last = time.monotonic()
             self._trace.played.append((self._last, frame))
+            self._trace.played_numbers.append(number)
 
 
 def _pcm16(samples: Samples) -> npt.NDArray[np.int16]:
@@ -177,6 +206,7 @@ def drive(
     stop_when: StopRule,
     max_tail_s: float = 30.0,
     as_int16: bool = False,
+    on_start: Callable[[CallTrace], None] | None = None,
 ) -> CallTrace:
     """Play ``audio`` into ``handler`` at real-time pace until ``stop_when`` says so.
 
@@ -187,6 +217,8 @@ def drive(
     stop = threading.Event()
     trace = CallTrace(rate=rate, frame_samples=frame_len, t0=time.monotonic())
     trace.input_end_sample = samples.size
+    if on_start is not None:
+        on_start(trace)  # lets callers' callbacks read the trace while the call runs
     player = _Player(trace, stop)
     handler._clear_queue = player.clear  # what FastRTC's track installs
 
@@ -231,8 +263,9 @@ def drive(
             if start < samples.size:
                 frame = samples[start : start + frame_len]
             elif pending is not None and interruption is not None:
-                if trace.interruption_start_sample is None and trace.played:
-                    first_t = trace.played[0][0]
+                anchor = interruption.reply_from() if interruption.reply_from else trace.t0
+                first_t = trace.first_played_from(anchor) if anchor is not None else None
+                if trace.interruption_start_sample is None and first_t is not None:
                     if time.monotonic() >= first_t + interruption.after_first_audio_s:
                         trace.interruption_start_sample = start
                 if trace.interruption_start_sample is not None:

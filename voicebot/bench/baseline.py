@@ -173,6 +173,8 @@ class BaselineTurn:
     llm_ms: float | None = None
     """Request to the whole reply: the first token the cookbook can use."""
     tts_first_ms: float | None = None
+    first_yield_t: float | None = None
+    """When the first audio was handed to ReplyOnPause."""
     interrupted: bool = False
     error: str | None = None
 
@@ -240,7 +242,8 @@ def cookbook_call(
             for sentence in _SENTENCE.split(answer):
                 for rate, samples in stack.synthesizer.synthesize(sentence):
                     if record.tts_first_ms is None:
-                        record.tts_first_ms = (clock() - ready) * 1000
+                        record.first_yield_t = clock()
+                        record.tts_first_ms = (record.first_yield_t - ready) * 1000
                     yield rate, samples
         except GeneratorExit:
             record.interrupted = True

@@ -34,7 +34,7 @@ from voicebot.bench.metrics import error_count
 from voicebot.conversation import Turn
 from voicebot.handler import VoiceHandler
 from voicebot.runtime import PersonaStack, Runtime
-from voicebot.simulate import FRAME_S, CallTrace, Interruption, drive
+from voicebot.simulate import FRAME_S, CallTrace, DrivenHandler, Interruption, drive
 from voicebot.turns import SpeechStarted, TurnConfig, TurnDetector, UserTurn
 from voicebot.vad import VoiceActivityModel
 
@@ -128,21 +128,19 @@ def reference(vad: VoiceActivityModel, config: TurnConfig, item: CorpusItem) -> 
     return Reference(end, start)
 
 
-def _stop_rule(with_interruption: bool) -> Callable[[CallTrace, float], bool]:
+def _stop_rule(
+    with_interruption: bool, reply_from: Callable[[], float | None]
+) -> Callable[[CallTrace, float], bool]:
     def stop(trace: CallTrace, tail_s: float) -> bool:
-        if not trace.played:
-            return False
         now = time.monotonic()
         if with_interruption:
-            return now - trace.played[-1][0] >= _SETTLE_S
-        # Every figure is known once the first reply audio is out: no need to hear it all.
-        return now - trace.played[0][0] >= _SETTLE_S
+            return bool(trace.played) and now - trace.played[-1][0] >= _SETTLE_S
+        # Every figure is known once the reply's first audio is out: no need to hear it all.
+        start = reply_from()
+        first = trace.first_played_from(start) if start is not None else None
+        return first is not None and now - first >= _SETTLE_S
 
     return stop
-
-
-def _first_audio_after(trace: CallTrace, t: float) -> float | None:
-    return next((at for at, _ in trace.played if at > t), None)
 
 
 def _end_of_run_at(trace: CallTrace, t: float) -> float | None:
@@ -180,67 +178,145 @@ def run_one(
     if interrupt and item.barge_in is not None:
         interruption = Interruption(item.barge_in, interrupt_after_s)
     ours: VoiceHandler | None = None
+    wall_offset = time.time() - time.monotonic()
     baseline_turns: list[BaselineTurn] = []
+    traced: list[CallTrace] = []
+
+    def live_speech_end() -> float | None:
+        # Known once the frame holding the speech end was sent.
+        trace = traced[0] if traced else None
+        if trace is None or len(trace.input_times) * trace.frame_samples < ref.speech_end:
+            return None
+        return trace.wall_time(ref.speech_end - 1)
+
+    def reply_from() -> float | None:
+        """When audio of the reply to the whole utterance started to come out of ``emit``."""
+        end = live_speech_end()
+        if end is None or ours is not None:
+            return end
+        # ReplyOnPause may have answered part of the utterance (a mid-utterance pause), and
+        # its VAD may end the utterance before ours does: its last turn is the answer, once
+        # no pause can be detected any more (it needs at most 1.2 s of silence).
+        trace = traced[0]
+        input_end = trace.wall_time(trace.input_end_sample - 1)
+        if not baseline_turns or time.monotonic() - input_end < _BASELINE_SETTLE_S:
+            return None
+        return baseline_turns[-1].first_yield_t
+
+    if interruption is not None:
+        interruption.reply_from = reply_from
+    handler: DrivenHandler
+    call = None
     if pipeline == "ours":
-        ours = VoiceHandler(setup.runtime, channel="simulate", persona=setup.persona, greet=False)
-        trace = drive(
-            ours,
-            (CORPUS_RATE, item.audio),
-            interruption=interruption,
-            stop_when=_stop_rule(interruption is not None),
-            max_tail_s=max_tail_s,
-            as_int16=True,
+        handler = ours = VoiceHandler(
+            setup.runtime, channel="simulate", persona=setup.persona, greet=False
         )
     else:
         call = cookbook_call(setup.stack, pause_model)
-        baseline_turns = call.turns
-        try:
-            trace = drive(
-                call.handler,
-                (CORPUS_RATE, item.audio),
-                interruption=interruption,
-                stop_when=_stop_rule(interruption is not None),
-                max_tail_s=max_tail_s,
-                as_int16=True,
-            )
-        finally:
+        handler, baseline_turns = call.handler, call.turns
+    try:
+        trace = drive(
+            handler,
+            (CORPUS_RATE, item.audio),
+            interruption=interruption,
+            stop_when=_stop_rule(interruption is not None, reply_from),
+            max_tail_s=max_tail_s,
+            as_int16=True,
+            on_start=traced.append,
+        )
+    finally:
+        if call is not None:
             call.close()
     m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
     m.feed_lag_ms = _feed_lag_ms(trace)
     speech_end_t = trace.wall_time(ref.speech_end - 1)
-    first_audio = _first_audio_after(trace, speech_end_t)
-    if first_audio is None:
-        m.notes.append("no reply audio")
-    else:
-        m.v2v_ms = round((first_audio - speech_end_t) * 1000, 1)
-    interrupted = False
-    if ours is not None:
-        turns: list[Turn] = [t for t in ours.completed_turns if t.user_text]
-        if turns:
-            turn = turns[0]
-            timings = turn.timings
-            m.endpoint_ms, m.stt_ms = timings.endpoint_ms, timings.stt_ms
-            m.llm_ttft_ms = timings.llm_ttft_ms
-            m.llm_first_chunk_ms = timings.llm_first_chunk_ms
-            m.tts_first_ms = timings.tts_first_ms
-            m.transcript, m.reply = turn.user_text, turn.assistant_text
-            interrupted = turn.interrupted
-    elif baseline_turns:
-        record = baseline_turns[0]
-        m.endpoint_ms = round((record.called_t - speech_end_t) * 1000, 1)
-        m.stt_ms, m.tts_first_ms = record.stt_ms, record.tts_first_ms
-        m.llm_ttft_ms = m.llm_first_chunk_ms = record.llm_ms
-        m.transcript, m.reply = record.user_text, record.reply_text
-        interrupted = record.interrupted or len(baseline_turns) > 1
-        if record.error:
-            m.notes.append(f"reply failed: {record.error}")
-    else:
+    cutoff = math.inf
+    if trace.interruption_start_sample is not None:
+        cutoff = trace.wall_time(trace.interruption_start_sample)
+    answers = (
+        _our_answers(ours.completed_turns, wall_offset)
+        if ours is not None
+        else _baseline_answers(baseline_turns, speech_end_t)
+    )
+    answers = sorted((a for a in answers if a.closed_t < cutoff), key=lambda a: a.closed_t)
+    # The answer to the utterance is the last turn taken before any interruption; earlier
+    # ones answered part of it (the pipeline took a mid-utterance pause for the end).
+    final = answers[-1] if answers else None
+    if final is None:
         m.notes.append("no turn")
+    else:
+        early = answers[:-1]
+        if early:
+            m.notes.append(f"replied {len(early)}x before the user finished")
+        if final.closed_t < speech_end_t:
+            m.notes.append("closed the turn before the speech ended")
+        final.fill(m)
+        m.transcript = " ".join(a.user_text for a in [*early, final] if a.user_text)
+        first_audio = trace.first_played_from(max(final.audio_from_t, speech_end_t))
+        if first_audio is None:
+            m.notes.append("no reply audio")
+        else:
+            m.v2v_ms = round((first_audio - speech_end_t) * 1000, 1)
+        if interruption is not None:
+            _measure_barge_in(m, trace, ref, final.interrupted)
     count = error_count(item.text, m.transcript, item.language)
     m.errors, m.reference_tokens = count.errors, count.length
-    if interruption is not None:
-        _measure_barge_in(m, trace, ref, interrupted)
     return m
+
+
+_BASELINE_SETTLE_S = 1.0
+
+
+@dataclass
+class _Answer:
+    """A turn a pipeline took, with when it was closed (monotonic seconds)."""
+
+    closed_t: float
+    user_text: str
+    interrupted: bool
+    fill: Callable[[Measurement], None]
+    audio_from_t: float
+    """Audio ``emit`` returned from this time on belongs to this turn's reply."""
+
+
+def _our_answers(turns: Sequence[Turn], wall_offset: float) -> list[_Answer]:
+    answers: list[_Answer] = []
+    for turn in turns:
+        if not turn.user_text:
+            continue
+
+        def fill(m: Measurement, turn: Turn = turn) -> None:
+            t = turn.timings
+            m.endpoint_ms, m.stt_ms = t.endpoint_ms, t.stt_ms
+            m.llm_ttft_ms, m.llm_first_chunk_ms = t.llm_ttft_ms, t.llm_first_chunk_ms
+            m.tts_first_ms, m.reply = t.tts_first_ms, turn.assistant_text
+
+        # A turn is created when it is closed; its started_at is wall-clock time.
+        closed = turn.started_at.timestamp() - wall_offset
+        # Ours drops what is queued of an earlier reply when the user talks over it.
+        answers.append(_Answer(closed, turn.user_text, turn.interrupted, fill, closed))
+    return sorted(answers, key=lambda a: a.closed_t)
+
+
+def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> list[_Answer]:
+    answers: list[_Answer] = []
+    for i, record in enumerate(records):
+
+        def fill(m: Measurement, record: BaselineTurn = record) -> None:
+            m.endpoint_ms = round((record.called_t - speech_end_t) * 1000, 1)
+            m.stt_ms, m.tts_first_ms = record.stt_ms, record.tts_first_ms
+            m.llm_ttft_ms = m.llm_first_chunk_ms = record.llm_ms
+            m.reply = record.reply_text
+            if record.error:
+                m.notes.append(f"reply failed: {record.error}")
+
+        # Superseded by a later turn means ReplyOnPause dropped it: it was interrupted.
+        interrupted = record.interrupted or i + 1 < len(records)
+        # ReplyOnPause may still hand out a sentence of a dropped reply after calling the
+        # next one (it cannot close a generator that is running): skip past it.
+        audio_from = record.first_yield_t if record.first_yield_t is not None else math.inf
+        answers.append(_Answer(record.called_t, record.user_text, interrupted, fill, audio_from))
+    return answers
 
 
 def _measure_barge_in(m: Measurement, trace: CallTrace, ref: Reference, interrupted: bool) -> None:
