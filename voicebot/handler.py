@@ -189,7 +189,11 @@ class VoiceHandler(StreamHandler):
         """Pick the persona, open the conversation and speak the greeting."""
         if self.persona_from_ui and not self.phone_mode:
             self.wait_for_args_sync()  # type: ignore[no-untyped-call]
-            args = [*self.latest_args[1:], None, None]
+            # FastRTC stores [marker, *values]: Gradio sends the stream's own value (the
+            # connection id) before the page's inputs, an API input hook calling
+            # stream.set_input(webrtc_id, persona, conversation) does not. Our inputs are
+            # the last two.
+            args = [*self.latest_args[1:][-2:], None, None]
             if isinstance(args[0], str):
                 self.set_persona(args[0])
             if isinstance(args[1], str) and args[1].strip():
