@@ -158,7 +158,7 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
     from fastrtc import Stream
 
     from voicebot.handler import VoiceHandler
-    from voicebot.ui import on_turn_update
+    from voicebot.ui import LiveTranscript
 
     choices = [(stack.persona.display_name, name) for name, stack in runtime.stacks.items()]
     handler = VoiceHandler(runtime, channel="web", persona_from_ui=True)
@@ -179,7 +179,7 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
             gr.Chatbot(type="messages", label="Transcript", height=420),
             gr.Markdown(label="Latency per turn"),
         ],
-        additional_outputs_handler=on_turn_update,
+        additional_outputs_handler=LiveTranscript(),
         ui_args={
             "title": "voicebot",
             "subtitle": "Local voice agent: speak, and interrupt whenever you like.",

@@ -7,7 +7,9 @@ Imports gradio: only the page's builder imports this module.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import gradio as gr
@@ -69,6 +71,33 @@ def on_turn_update(
         )
         latency = (latency or LATENCY_HEADER) + "\n" + latency_row(turn)
     return messages, latency or ""
+
+
+class LiveTranscript:
+    """The page's additional-outputs handler: keeps each call's transcript and latency table.
+
+    FastRTC streams every update of a call through one Gradio event that was started with the
+    component values of the moment the call began, so the handler never sees its own earlier
+    output: the running state lives here, per conversation (the last ``max_calls``).
+    """
+
+    def __init__(self, max_calls: int = 256) -> None:
+        self._calls: OrderedDict[uuid.UUID, tuple[list[dict[str, Any]], str]] = OrderedDict()
+        self._max_calls = max_calls
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, chat: list[dict[str, Any]] | None, latency: str | None, update: TurnUpdate
+    ) -> tuple[list[dict[str, Any]], str]:
+        key = update.turn.conversation_id
+        with self._lock:
+            chat, latency = self._calls.get(key, (chat, latency))
+            state = on_turn_update(chat, latency, update)
+            self._calls[key] = state
+            self._calls.move_to_end(key)
+            while len(self._calls) > self._max_calls:
+                self._calls.popitem(last=False)
+        return state
 
 
 def transcript_messages(turns: list[Turn]) -> list[dict[str, str]]:
