@@ -8,13 +8,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests import fakes
+from tests.fakes import silence, tone
 from voicebot.aizuchi_eval import CASES, clip_cache, evaluate, speaker
 from voicebot.personas import load_persona
+from voicebot.simulate import simulate_call
 from voicebot.stt import WhisperTranscriber
 from voicebot.tts import PiperSynthesizer, Synthesizer
 from voicebot.vad import SileroVad
+
+STORY = " ".join(f"Sentence number {i} is here." for i in range(1, 8))
+
+
+@pytest.mark.parametrize(("heard", "stops"), [("", False), ("Uh-huh.", False), ("Wait, no.", True)])
+def test_overlap_too_short_for_a_barge_in_is_judged_like_one(heard: str, stops: bool) -> None:
+    # 130 ms of speech: a turn (>= 96 ms) but no barge-in (< 160 ms) while the agent talks.
+    chat = fakes.FakeChat(reply=STORY, later_replies=["Okay."])
+    stt = fakes.FakeTranscriber(["tell me a story", heard])
+    rt = fakes.runtime(chat=chat, transcriber=stt)
+    audio = np.concatenate([tone(0.6), silence(2.0), tone(0.13), silence(2.5)])
+    result = simulate_call(rt, (16000, audio))
+    story = result.turns[0]
+    assert story.interrupted is stops
+    assert (story.assistant_text == STORY) is not stops
+    assert len(result.turns) == (2 if stops else 1)
+
 
 PERSONAS_DIR = Path(__file__).resolve().parent.parent / "personas"
 MAX_RATE = 0.10
@@ -26,9 +47,9 @@ MAX_RATE = 0.10
         "en",
         pytest.param(
             "ja",
-            marks=pytest.mark.xfail(
-                reason="whisper base mishears or loops on short kana clips (docs/japanese.md)",
-                strict=False,
+            marks=pytest.mark.skip(
+                reason="25 % false stops: whisper base mishears short synthetic kana aizuchi; "
+                "run python -m voicebot.aizuchi_eval --languages ja (docs/japanese.md)"
             ),
         ),
     ],

@@ -303,7 +303,7 @@ def run_case(
     rate, samples = clip
     audio = np.concatenate([np.zeros(int(OVERLAP_AT_S * rate), np.float32), samples])
     handler = VoiceHandler(runtime, channel="simulate", greet=True)
-    result = simulate_call(runtime, (rate, audio), handler=handler, max_tail_s=20.0)
+    result = simulate_call(runtime, (rate, audio), handler=handler, max_tail_s=60.0)
     heard = next((m.content for m in handler.history if m.role == "assistant"), "")
     out_rate, reply = result.reply_audio
     return CaseResult(

@@ -154,6 +154,7 @@ class VoiceHandler(StreamHandler):
         self._outputs: deque[Any] = deque()
         self._reply: _Reply | None = None
         self._paused: _Reply | None = None  # talked over: silent until we know why
+        self._announced = False  # the current utterance gave SpeechStarted or BargeIn
         self._carry_audio: Samples | None = None
         self._speculative: tuple[int, Future[str]] | None = None
         self._play_t0: float | None = None
@@ -286,15 +287,22 @@ class VoiceHandler(StreamHandler):
             self._stop_paused_reply("speech too long for a backchannel")
         for event in events:
             if isinstance(event, BargeIn):
+                self._announced = True
                 self._on_barge_in(event)
             elif isinstance(event, EndCandidate):
                 self._on_end_candidate(event)
             elif isinstance(event, UserTurn):
+                announced, self._announced = self._announced, False
+                if not announced:
+                    # Began while the agent talked, too short for a barge-in (a brief うん, a
+                    # cough): judge it like any overlap instead of dropping the reply for it.
+                    self._pause_for_overlap()
                 if self._paused is not None:
                     self._settle_pause(event, now)
                 else:
                     self._on_user_turn(event, now)
             elif isinstance(event, SpeechStarted):
+                self._announced = True
                 self._on_speech_started()
 
     def emit(self) -> Any:
@@ -459,6 +467,14 @@ class VoiceHandler(StreamHandler):
             if not may_be_backchannel:
                 self._stop_paused_reply("barge-in")
         logger.debug("barge-in: agent paused")
+
+    def _pause_for_overlap(self) -> None:
+        """Pause the agent if it is still talking, so the utterance is judged as an overlap."""
+        if self.runtime.turn_config.backchannel_max_ms <= 0:
+            return
+        with self._lock:
+            if self._paused is None and self._reply is not None and self._frames:
+                self._paused = self._reply
 
     def _stop_paused_reply(self, why: str) -> None:
         """The user really interrupted: drop the rest of the reply and record what was heard."""
