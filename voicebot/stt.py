@@ -172,6 +172,11 @@ class WhisperTranscriber:
                 vad_filter=False,  # the pipeline's VAD already cut the utterance
                 condition_on_previous_text=False,  # each turn stands alone; avoids loops
                 without_timestamps=True,
+                # No fallback to higher temperatures, and at most a generous speaking rate's
+                # worth of tokens: a short, odd clip (an aizuchi, a cough) then costs one quick
+                # pass instead of retries or a hallucinated loop of hundreds of tokens.
+                temperature=0.0,
+                max_new_tokens=max_new_tokens(samples.shape[-1] / WHISPER_SAMPLE_RATE),
             )
             # The generator decodes lazily: consume it here, inside the worker thread.
             texts = [segment.text.strip() for segment in segments]
@@ -188,6 +193,12 @@ class WhisperTranscriber:
             detected,
         )
         return text
+
+
+def max_new_tokens(duration_s: float) -> int:
+    """A token budget for ``duration_s`` of speech: ~12 tokens/s (fast Japanese) plus slack,
+    within whisper's 448-token context."""
+    return min(400, 16 + int(12 * duration_s))
 
 
 def _model_source(model: str, size_names: list[str]) -> str:
