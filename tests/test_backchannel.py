@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from voicebot.backchannel import MAX_BACKCHANNEL_S, is_backchannel, normalize
+from voicebot.backchannel import MAX_BACKCHANNEL_S, SHORT_OVERLAP_S, is_backchannel, normalize
 
 JA_BACKCHANNELS = [
     "はい",
@@ -144,8 +144,110 @@ def test_persona_phrases_add_to_the_language_defaults() -> None:
 
 
 def test_one_language_list_does_not_leak_into_the_other() -> None:
-    assert not is_backchannel("はい", 0.3, (), "en")
-    assert not is_backchannel("Yeah.", 0.3, (), "fr")
+    # Longer than a short overlap, so that only the phrase lists decide.
+    assert not is_backchannel("はい", 0.9, (), "en")
+    assert not is_backchannel("Yeah.", 0.9, (), "fr")
+    assert not is_backchannel("Yeah.", 0.3, (), "fr")  # no duration rule for unknown languages
+
+
+# A short overlap: whisper's words are trusted only for a floor-claiming word. Left: what
+# whisper wrote for a 0.2-0.7 s clip (the mishearings are real ones, of Kokoro and piper).
+SHORT_MISHEARD_AIZUCHI = [
+    ("ja", "どうも"),  # ええ
+    ("ja", "ウンロンは"),  # うんうん
+    ("ja", "よっ"),  # へえ
+    ("ja", "気持ちいい?"),  # ええ
+    ("ja", "お前は"),  # うんうん
+    ("ja", "えー"),
+    ("en", "Yummy."),
+    ("en", "Come on."),
+    ("en", "And I'm"),
+    ("en", "I know."),
+]
+
+SHORT_INTERRUPTIONS = [
+    ("ja", "待って"),
+    ("ja", "待って。"),
+    ("ja", "まって"),
+    ("ja", "いいえ"),
+    ("ja", "いいえ。"),
+    ("ja", "違います"),
+    ("ja", "ちがう"),
+    ("ja", "ちょっと"),
+    ("ja", "ちょっと。"),
+    ("ja", "すみません"),
+    ("ja", "すいません"),
+    ("ja", "あの"),
+    ("ja", "あのー"),
+    ("ja", "やめて"),
+    ("ja", "ストップ"),
+    ("ja", "もう一度"),
+    ("ja", "え?"),
+    ("ja", "え？"),
+    ("ja", "えっ?"),
+    ("ja", "エ?"),
+    ("en", "Wait."),
+    ("en", "Wait!"),
+    ("en", "Stop."),
+    ("en", "No."),
+    ("en", "Nope."),
+    ("en", "No, no."),
+    ("en", "Hold on."),
+    ("en", "Hang on."),
+    ("en", "Sorry?"),
+    ("en", "Excuse me."),
+    ("en", "Actually,"),
+    ("en", "What?"),
+    ("en", "Pardon?"),
+    ("en", "Repeat that."),
+    ("en", "But..."),
+]
+
+# Whisper heard words: more than a short transcript is judged by its words, whatever the length.
+LONG_TRANSCRIPTS = [
+    ("ja", "予約をお願いします"),
+    ("ja", "三名でお願いします"),
+    ("en", "Friday at seven."),
+    ("en", "in a moment"),
+]
+
+
+@pytest.mark.parametrize(("language", "text"), SHORT_MISHEARD_AIZUCHI)
+def test_short_overlap_without_a_stop_word_is_a_backchannel(language: str, text: str) -> None:
+    assert is_backchannel(text, SHORT_OVERLAP_S, (), language)
+    assert is_backchannel(text, 0.2, (), language)
+
+
+@pytest.mark.parametrize(("language", "text"), SHORT_MISHEARD_AIZUCHI)
+def test_the_same_words_spoken_longer_stop_the_agent(language: str, text: str) -> None:
+    assert not is_backchannel(text, SHORT_OVERLAP_S + 0.05, (), language)
+
+
+@pytest.mark.parametrize(("language", "text"), SHORT_INTERRUPTIONS)
+def test_short_overlap_with_a_stop_word_stops_the_agent(language: str, text: str) -> None:
+    assert not is_backchannel(text, 0.2, (), language)
+    assert not is_backchannel(text, SHORT_OVERLAP_S, (), language)
+
+
+@pytest.mark.parametrize(("language", "text"), LONG_TRANSCRIPTS)
+def test_short_overlap_with_a_long_transcript_is_judged_by_its_words(
+    language: str, text: str
+) -> None:
+    assert not is_backchannel(text, 0.5, (), language)
+
+
+@pytest.mark.parametrize(
+    ("language", "text"),
+    [("ja", "ええ?"), ("ja", "ええ"), ("ja", "はい?"), ("en", "Really?"), ("en", "Okay?")],
+)
+def test_a_known_aizuchi_said_as_a_question_is_still_one(language: str, text: str) -> None:
+    assert is_backchannel(text, 0.5, (), language)
+
+
+def test_english_stop_words_match_word_starts_not_letters_inside_words() -> None:
+    assert not is_backchannel("Nothing.", 0.5, (), "en")  # "no…"
+    assert not is_backchannel("Waiter.", 0.5, (), "en")  # "Wait." misheard
+    assert is_backchannel("I know.", 0.5, (), "en")  # "know" is not "no"
 
 
 @pytest.mark.parametrize(

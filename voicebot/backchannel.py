@@ -10,6 +10,13 @@ both the transcript and the phrase list are reduced to a canonical form (NFKC, l
 katakana as hiragana, no punctuation, spaces or long-vowel marks, doubled Latin letters
 collapsed) and the transcript counts as a backchannel when it is nothing but a sequence of
 known phrases. Any other word ("wait", 「すみません」, 「いいえ」) makes it an interruption.
+
+Duration is the other cue. Whisper rarely gets a half-second syllable right (「ええ」 comes back
+as 「どうも」, 「へえ」 as 「よっ」), so a *short* overlap (at most ``SHORT_OVERLAP_S`` of
+speech) whose transcript is short too (a few kana or two words) is a backchannel whatever the
+words, unless one of them claims the floor (``STOP_WORDS``: 「待って」, 「いいえ」, "no",
+"wait", …). The price: a short content word said over the agent ("Friday.", 「三名」) does
+not stop it either.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ __all__ = [
     "DEFAULT_BACKCHANNELS",
     "MAX_BACKCHANNEL_S",
     "NOISE_TRANSCRIPTS",
+    "SHORT_OVERLAP_S",
+    "SHORT_TRANSCRIPT",
     "STOP_WORDS",
     "is_backchannel",
     "normalize",
@@ -138,7 +147,9 @@ STOP_WORDS: dict[str, tuple[str, ...]] = {
         "wait",
         "stop",
         "hold",
+        "hang",
         "sorry",
+        "pardon",
         "what",
         "excuse",
         "actually",
@@ -154,9 +165,11 @@ STOP_WORDS: dict[str, tuple[str, ...]] = {
         "違",
         "ちが",
         "待",
-        "まて",
+        "まって",
         "あの",
-        "ちょと",
+        "ちょっと",
+        "やめ",
+        "ストップ",
         "すみません",
         "すいません",
         "でも",
@@ -167,10 +180,23 @@ STOP_WORDS: dict[str, tuple[str, ...]] = {
     ),
 }
 """Words that claim the floor: a transcript holding one is never read as a near-miss of a
-backchannel (「いいえ」 is one letter away from 「ええ」)."""
+backchannel (「いいえ」 is one letter away from 「ええ」), however short the overlap. Japanese
+ones are looked for anywhere in the transcript (there are no spaces); English ones at the
+start of a word ("no" also finds "nope" and "not", but not "know")."""
 
 MAX_BACKCHANNEL_S = 1.2
 """Longer overlapping speech is always a real interruption."""
+
+SHORT_OVERLAP_S = 0.7
+"""Up to this much speech an overlap is too short to be anything but an aizuchi, a single
+word or a cough: its transcript is trusted only for floor-claiming words. Kokoro and piper
+say はい/ええ/うん/へえ/"yeah"/"uh-huh" in 0.2–0.5 s of VAD speech and はいはい/うんうん in
+0.6–0.7 s; 「待って」「違います」「すみません」 take 0.7–0.9 s and have to be heard as such."""
+
+SHORT_TRANSCRIPT: dict[str, int] = {"ja": 5, "en": 2}
+"""The most a short overlap's transcript may hold to be judged by duration: kana/kanji
+(canonical form) for Japanese, words for English. A longer transcript means whisper heard
+words, and they are judged as words. Languages not listed are never judged by duration."""
 
 _NOT_SPOKEN = re.compile(r"[\s\W_ー〜~]+", re.UNICODE)
 _DOUBLED_LATIN = re.compile(r"([a-z])\1+")
@@ -178,6 +204,9 @@ _KATAKANA = re.compile(r"[\u30a1-\u30f6]")
 _KANA_RUN = re.compile(r"([\u3041-\u3096])\1{2,}")
 # Small vowels and っ lengthen or clip a sound (「へぇ」「はいっ」): read them as the sound itself.
 _SMALL_KANA = str.maketrans("ぁぃぅぇぉっ", "あいうえお ")
+_WORD = re.compile(r"\w+(?:['-]\w+)*")
+# A lone 「え？」 ("huh?") asks the agent to stop and say it again; 「ええ」 agrees.
+_JA_HUH = re.compile(r"(?<!え)えっ?\s*[?？]")
 
 
 def normalize(text: str) -> str:
@@ -186,8 +215,7 @@ def normalize(text: str) -> str:
     'Uh-huh.' and 'uh huh' → 'uhuh'; 「ハイ。」 and 「はーい」 → 「はい」; 「ええええ」 → 「ええ」.
     """
     text = unicodedata.normalize("NFKC", text).lower()
-    text = _KATAKANA.sub(lambda m: chr(ord(m.group(0)) - 0x60), text)
-    text = text.translate(_SMALL_KANA)
+    text = _hiragana(text).translate(_SMALL_KANA)
     text = _NOT_SPOKEN.sub("", text)
     text = _DOUBLED_LATIN.sub(r"\1", text)  # "mmm", "hmmm", "yeahhh", "okk"
     return _KANA_RUN.sub(r"\1\1", text)  # 「えええ」 → 「ええ」
@@ -251,13 +279,44 @@ def is_backchannel(text: str, duration_s: float, phrases: Sequence[str], languag
     vocabulary = _vocabulary(tuple(phrases), language)
     if _only_phrases(said, vocabulary):
         return True
-    # Whisper often mishears a short clip by a letter (「はい」 → 「はよい」, 'yeah' → 'yeh'):
-    # one slip is forgiven in three letters or more, unless a word claims the floor.
-    if len(said) < 3 or any(w in said for w in _stop_words(language)):
+    if _claims_floor(text, said, language):
         return False
-    return _only_phrases(said, vocabulary, edits=1)
+    if duration_s <= SHORT_OVERLAP_S and _is_short(text, said, language):
+        return True  # too short for whisper to be trusted, and nothing in it claims the floor
+    # Whisper often mishears a short clip by a letter (「はい」 → 「はよい」, 'yeah' → 'yeh'):
+    # one slip is forgiven in three letters or more.
+    return len(said) >= 3 and _only_phrases(said, vocabulary, edits=1)
+
+
+def _claims_floor(text: str, said: str, language: str) -> bool:
+    """Whether the transcript holds a stop word (or, in Japanese, a questioning 「え？」)."""
+    lang = _language(language)
+    if lang == "en":
+        return any(w.startswith(_stop_words(lang)) for w in _words(text))
+    if lang == "ja" and _JA_HUH.search(_hiragana(unicodedata.normalize("NFKC", text))):
+        return True
+    return any(w in said for w in _stop_words(lang))
+
+
+def _is_short(text: str, said: str, language: str) -> bool:
+    limit = SHORT_TRANSCRIPT.get(_language(language))
+    if limit is None:
+        return False
+    if _language(language) == "en":
+        return len(_words(text)) <= limit
+    return len(said) <= limit
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def _hiragana(text: str) -> str:
+    return _KATAKANA.sub(lambda m: chr(ord(m.group(0)) - 0x60), text)
 
 
 @lru_cache(maxsize=8)
-def _stop_words(language: str) -> frozenset[str]:
-    return frozenset(normalize(x) for x in STOP_WORDS.get(_language(language), ()))
+def _stop_words(language: str) -> tuple[str, ...]:
+    # English ones are matched against words, which keep their doubled letters ("sorry").
+    form = str.lower if language == "en" else normalize
+    return tuple(sorted({form(x) for x in STOP_WORDS.get(language, ())}))
