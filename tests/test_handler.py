@@ -198,3 +198,25 @@ def test_malformed_frames_are_dropped_and_the_call_goes_on(
     audio = np.concatenate([tone(0.6), silence(1.0)])
     result = simulate_call(rt, (16000, audio), handler=handler)
     assert len(result.turns) == 1
+
+
+def test_speech_resuming_before_the_answer_merges_into_one_turn() -> None:
+    stt = fakes.FakeTranscriber(["first half", "first half and the rest"])
+    chat = fakes.FakeChat(ttft_s=1.0)
+    rt = fakes.runtime(transcriber=stt, chat=chat)
+    audio = np.concatenate([tone(0.6), silence(0.6), tone(0.6), silence(3.0)])
+    result = simulate_call(rt, (16000, audio))
+    assert [(t.sequence, t.user_text) for t in result.turns] == [(1, "first half and the rest")]
+    assert stt.calls[-1] > 1.6  # both utterances, transcribed together
+    assert [u.turn.sequence for u in result.updates if not u.final] == [1]  # no orphan bubble
+
+
+def test_stt_failure_apologizes_and_the_turn_records_the_error() -> None:
+    stt = fakes.FakeTranscriber()
+    stt.fail = True
+    rt = fakes.runtime(transcriber=stt)
+    result = simulate_call(rt, (16000, np.concatenate([tone(0.6), silence(1.5)])))
+    assert len(result.turns) == 1
+    turn = result.turns[0]
+    assert turn.sequence == 1 and turn.error is not None and "stt" in turn.error
+    assert turn.assistant_text == "Sorry, something went wrong."

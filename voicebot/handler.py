@@ -13,6 +13,7 @@ Threads, per call:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -78,6 +79,7 @@ class _Reply:
     turn: Turn | None  # None for the greeting
     joiner: str = " "  # between chunks: a space in English, nothing in Japanese
     speech_end_t: float | None = None
+    closed_t: float | None = None  # when the user turn was closed
     user_audio: Samples | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     chunks: list[_Chunk] = field(default_factory=list)
@@ -188,8 +190,7 @@ class VoiceHandler(StreamHandler):
 
     def start_up(self) -> None:
         """Pick the persona, open the conversation and speak the greeting."""
-        if self.persona_from_ui and not self.phone_mode:
-            self.wait_for_args_sync()  # type: ignore[no-untyped-call]
+        if self.persona_from_ui and not self.phone_mode and self._wait_for_page_inputs():
             # FastRTC stores [marker, *values]: Gradio sends the stream's own value (the
             # connection id) before the page's inputs, an API input hook calling
             # stream.set_input(webrtc_id, persona, conversation) does not. Our inputs are
@@ -200,6 +201,18 @@ class VoiceHandler(StreamHandler):
             if isinstance(args[1], str) and args[1].strip():
                 self.resume(args[1].strip())
         self._open()
+
+    def _wait_for_page_inputs(self, timeout_s: float = 5.0) -> bool:
+        """Ask the page for its inputs (persona, conversation); a client that never answers
+        (an API-only WebRTC client) gets the default persona instead of a stuck call."""
+        waiting = asyncio.run_coroutine_threadsafe(self.wait_for_args(), self.loop)  # type: ignore[no-untyped-call]
+        try:
+            waiting.result(timeout=timeout_s)
+        except TimeoutError:
+            waiting.cancel()
+            logger.warning("no page inputs within %.0f s: persona %s", timeout_s, self.persona_name)
+            return False
+        return True
 
     def resume(self, conversation_id: str | uuid.UUID) -> None:
         """Continue an earlier conversation: its id, numbering and history window."""
@@ -379,6 +392,9 @@ class VoiceHandler(StreamHandler):
             reply.first_audio_t = now
             if reply.turn is not None and reply.speech_end_t is not None:
                 reply.turn.timings.v2v_ms = (now - reply.speech_end_t) * 1000
+                # The user's bubble appears with the answer: until then the turn may still
+                # merge with speech that follows.
+                self._publish(reply.turn, final=False)
         reply.last_frame_t = now
         self._lock.notify_all()
         return OUTPUT_RATE, frame.samples
@@ -427,6 +443,8 @@ class VoiceHandler(StreamHandler):
             with self._lock:
                 reply.finished = True
                 self._reply = None
+                if reply.turn.sequence and reply.turn.sequence == self._sequence:
+                    self._sequence -= 1  # the merged turn takes this number
             self._carry_audio = reply.user_audio
 
     def _on_end_candidate(self, event: EndCandidate) -> None:
@@ -569,6 +587,7 @@ class VoiceHandler(StreamHandler):
             turn=turn,
             joiner=_joiner(stack),
             speech_end_t=speech_end_t,
+            closed_t=closed_t,
             user_audio=audio,
         )
         with self._lock:
@@ -589,20 +608,22 @@ class VoiceHandler(StreamHandler):
         assert turn is not None
         persona = stack.persona
         try:
-            started = self._clock()
             if speculative is not None:
                 text = speculative.result()
             else:
                 text = stack.transcriber.transcribe((VAD_SAMPLE_RATE, audio), persona.language)
-            turn.timings.stt_ms = (self._clock() - started) * 1000
-        except StageError as e:
-            logger.error("transcription failed: %s", e)
-            turn.error = str(e)
-            self._speak_into(reply, stack, [persona.apology])
-            return
-        except Exception as e:  # a bug in a stage must not end the call
-            logger.exception("transcription failed")
-            turn.error = f"stt: {e}"
+            # From the turn's close: an early (speculative or barge-in) transcription counts
+            # only for the part the user actually waited for.
+            turn.timings.stt_ms = (self._clock() - (reply.closed_t or self._clock())) * 1000
+        except Exception as e:  # a bug in a stage must not end the call either
+            if isinstance(e, StageError):
+                logger.error("transcription failed: %s", e)
+            else:
+                logger.exception("transcription failed")
+            turn.error = str(e) if isinstance(e, StageError) else f"stt: {e}"
+            with self._lock:
+                self._sequence += 1
+                turn.sequence = self._sequence
             self._speak_into(reply, stack, [persona.apology])
             return
         turn.user_text = text.strip()
@@ -616,7 +637,6 @@ class VoiceHandler(StreamHandler):
                 return
             self._sequence += 1
             turn.sequence = self._sequence
-        self._publish(turn, final=False)
         messages = build_messages(
             persona.system_prompt, self.history, turn.user_text, persona.history_turns * 2
         )
@@ -725,7 +745,7 @@ class VoiceHandler(StreamHandler):
             if played:
                 self.history.append(Message("assistant", played))
             return
-        if not turn.user_text:
+        if not turn.user_text and turn.error is None:
             return
         turn.assistant_text = played
         turn.interrupted = interrupted
