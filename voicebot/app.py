@@ -154,36 +154,15 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
     """The FastRTC stream with its Gradio page: persona picker, audio, transcript, latencies,
     and (with a turn log) the recent conversations, one of which a call may continue."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-    from fastrtc import Stream
-
     from voicebot.handler import VoiceHandler
-    from voicebot.ui import LiveTranscript
+    from voicebot.ui import build_call_stream
 
-    choices = [(stack.persona.display_name, name) for name, stack in runtime.stacks.items()]
-    handler = VoiceHandler(runtime, channel="web", persona_from_ui=True)
-    return Stream(
-        handler,
-        modality="audio",
-        mode="send-receive",
+    return build_call_stream(
+        VoiceHandler(runtime, channel="web", persona_from_ui=True),
+        [(stack.persona.display_name, name) for name, stack in runtime.stacks.items()],
+        runtime.default_persona,
         concurrency_limit=settings.concurrency_limit,
         time_limit=settings.time_limit_s,
-        additional_inputs=[
-            gr.Dropdown(choices=choices, value=runtime.default_persona, label="Persona"),
-            gr.Textbox(
-                label="Continue conversation (id, optional)",
-                placeholder="pick one in the conversation log below",
-            ),
-        ],
-        additional_outputs=[
-            gr.Chatbot(type="messages", label="Transcript", height=420),
-            gr.Markdown(label="Latency per turn"),
-        ],
-        additional_outputs_handler=LiveTranscript(),
-        ui_args={
-            "title": "voicebot",
-            "subtitle": "Local voice agent: speak, and interrupt whenever you like.",
-        },
     )
 
 
@@ -204,18 +183,18 @@ def build_page(stream: Any, runtime: Runtime) -> Any:
     return page
 
 
-def launch_ui(settings: Settings, runtime: Runtime) -> None:
-    """Serve the Gradio page (blocks until interrupted)."""
+def launch_ui(settings: Settings, runtime: Runtime) -> Any:
+    """Start serving the Gradio page and return it once it answers (``block_thread()`` waits)."""
     page = build_page(build_stream(runtime, settings), runtime)
-    logger.info("voicebot UI on http://%s:%s", settings.host, settings.port)
     page.launch(
         server_name=settings.host,
         server_port=settings.port,
         share=False,
         show_api=False,
         quiet=True,
-        prevent_thread_lock=False,
+        prevent_thread_lock=True,
     )
+    return page
 
 
 __all__ = [

@@ -129,8 +129,9 @@ def ui(
         )
         with _maybe_store(settings, store) as turn_store:
             runtime = build_runtime(settings, store=turn_store)
+            page = launch_ui(settings, runtime)
             typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
-            launch_ui(settings, runtime)
+            page.block_thread()
     except VoicebotError as e:
         _fail(e)
 

@@ -966,34 +966,21 @@ def mount(
 def _mount_ui(app: FastAPI, service: VoiceService) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-    from fastrtc import Stream
 
-    from voicebot.ui import on_turn_update
+    from voicebot.app import select_personas
+    from voicebot.ui import build_call_stream
 
     settings = service.settings
     # Persona choices are read from the files: the models are not loaded yet.
-    from voicebot.app import select_personas
-
     choices = [(p.display_name, name) for name, p in select_personas(settings, None).items()]
     prototype = service._handler_class.Prototype(service, "web", True)
     hard_limit = None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
-    service.ui_stream = Stream(
+    service.ui_stream = build_call_stream(
         prototype,
-        modality="audio",
-        mode="send-receive",
+        choices,
+        settings.persona,
         concurrency_limit=service.limit,
         time_limit=hard_limit,
-        additional_inputs=[gr.Dropdown(choices=choices, value=settings.persona, label="Persona")],
-        additional_outputs=[
-            gr.Chatbot(type="messages", label="Transcript", height=420),
-            gr.Markdown(label="Latency per turn"),
-        ],
-        additional_outputs_handler=on_turn_update,
-        ui_args={
-            "title": "voicebot",
-            "subtitle": "Local voice agent: speak, and interrupt whenever you like.",
-        },
-        verbose=False,
     )
     gr.mount_gradio_app(app, service.ui_stream.ui, path=f"{service.path}/ui")
 

@@ -158,3 +158,41 @@ def add_conversation_log(log: ConversationLog, conversation_box: Any) -> None:
         stored = gr.Chatbot(type="messages", label="Stored transcript", height=300)
         refresh_button.click(refresh, outputs=table)
         table.select(open_row, inputs=table, outputs=[stored, conversation_box])
+
+
+def build_call_stream(
+    handler: Any,
+    personas: list[tuple[str, str]],
+    default_persona: str,
+    *,
+    concurrency_limit: int,
+    time_limit: float | None,
+) -> Any:
+    """The FastRTC stream behind the page: persona picker, optional conversation to continue,
+    audio, the live transcript and each turn's latencies."""
+    from fastrtc import Stream
+
+    return Stream(
+        handler,
+        modality="audio",
+        mode="send-receive",
+        concurrency_limit=concurrency_limit,
+        time_limit=time_limit,
+        additional_inputs=[
+            gr.Dropdown(choices=personas, value=default_persona, label="Persona"),
+            gr.Textbox(
+                label="Continue conversation (id, optional)",
+                placeholder="pick one in the conversation log below",
+            ),
+        ],
+        additional_outputs=[
+            gr.Chatbot(type="messages", label="Transcript", height=420),
+            gr.Markdown(label="Latency per turn"),
+        ],
+        additional_outputs_handler=LiveTranscript(),
+        ui_args={
+            "title": "voicebot",
+            "subtitle": "Local voice agent: speak, and interrupt whenever you like.",
+        },
+        verbose=False,
+    )
