@@ -110,7 +110,7 @@ def test_bench_tiny_corpus_end_to_end(
         repeats=1,
         llm_profile="instant",
         sessions=2,
-        calls_per_level=2,
+        calls_per_level=1,
         stt_model=str(tiny_en_model_dir),
         tts_voice=str(joe_voice_path),
     )

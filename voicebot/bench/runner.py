@@ -51,8 +51,6 @@ METRICS = (
     "v2v_ms",
     "bargein_stop_ms",
 )
-_RUN_GAP_S = 0.25
-"""Output frames further apart than this belong to different stretches of speech."""
 _SETTLE_S = 0.5
 
 
@@ -134,25 +132,19 @@ def _stop_rule(
     def stop(trace: CallTrace, tail_s: float) -> bool:
         now = time.monotonic()
         if with_interruption:
-            return bool(trace.played) and now - trace.played[-1][0] >= _SETTLE_S
+            # ReplyOnPause reacts only after the interruption ended and a pause of up to
+            # 1.2 s was seen; a slow TTS may leave gaps in the reply meanwhile.
+            return (
+                tail_s >= _BASELINE_SETTLE_S + 0.5
+                and bool(trace.played)
+                and now - trace.played[-1][0] >= _SETTLE_S
+            )
         # Every figure is known once the reply's first audio is out: no need to hear it all.
         start = reply_from()
         first = trace.first_played_from(start) if start is not None else None
         return first is not None and now - first >= _SETTLE_S
 
     return stop
-
-
-def _end_of_run_at(trace: CallTrace, t: float) -> float | None:
-    """Last frame of the stretch of output being played at ``t``; None if silent then."""
-    times = [at for at, _ in trace.played]
-    before = [i for i, at in enumerate(times) if at <= t]
-    if not before or t - times[before[-1]] > _RUN_GAP_S:
-        return None
-    i = before[-1]
-    while i + 1 < len(times) and times[i + 1] - times[i] <= _RUN_GAP_S:
-        i += 1
-    return times[i]
 
 
 def _feed_lag_ms(trace: CallTrace) -> float:
@@ -238,6 +230,7 @@ def run_one(
         if ours is not None
         else _baseline_answers(baseline_turns, speech_end_t)
     )
+    all_answers = answers
     answers = sorted((a for a in answers if a.closed_t < cutoff), key=lambda a: a.closed_t)
     # The answer to the utterance is the last turn taken before any interruption; earlier
     # ones answered part of it (the pipeline took a mid-utterance pause for the end).
@@ -258,7 +251,13 @@ def run_one(
         else:
             m.v2v_ms = round((first_audio - speech_end_t) * 1000, 1)
         if interruption is not None:
-            _measure_barge_in(m, trace, ref, final.interrupted)
+            if ours is not None and trace.interruption_end_sample is not None:
+                # Ours answers the interruption at least its end-of-turn silence after it.
+                next_audio_t = trace.wall_time(trace.interruption_end_sample) + 0.25
+            else:
+                later = [a.audio_from_t for a in all_answers if a.closed_t >= cutoff]
+                next_audio_t = min(later, default=math.inf)
+            _measure_barge_in(m, trace, ref, final, next_audio_t)
     count = error_count(item.text, m.transcript, item.language)
     m.errors, m.reference_tokens = count.errors, count.length
     return m
@@ -319,18 +318,35 @@ def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> l
     return answers
 
 
-def _measure_barge_in(m: Measurement, trace: CallTrace, ref: Reference, interrupted: bool) -> None:
+def _measure_barge_in(
+    m: Measurement,
+    trace: CallTrace,
+    ref: Reference,
+    reply: _Answer,
+    next_audio_t: float,
+) -> None:
+    """Interrupting speech start to the last played frame of ``reply``.
+
+    The reply's frames are those ``emit`` returned from its start until ``next_audio_t``
+    (when the answer to the interruption started), whatever gaps they have.
+    """
     if trace.interruption_start_sample is None or ref.interruption_start is None:
         m.notes.append("interruption not played")
         return
     start_t = trace.wall_time(trace.interruption_start_sample + ref.interruption_start)
-    stop_t = _end_of_run_at(trace, start_t)
-    if stop_t is None:
-        m.notes.append("agent silent when the interruption started")
-    elif not interrupted:
-        m.notes.append("reply ended before the interruption stopped it")
+    first = next((n for at, n in trace.queued if at >= reply.audio_from_t), None)
+    after = next((n for at, n in trace.queued if at >= next_audio_t), None)
+    played = [
+        at
+        for (at, _), n in zip(trace.played, trace.played_numbers, strict=True)
+        if first is not None and n >= first and (after is None or n < after)
+    ]
+    if not played or played[-1] < start_t:
+        m.notes.append("reply ended before the interruption started")
+    elif not reply.interrupted:
+        m.notes.append("reply ended during the interruption")
     else:
-        m.bargein_stop_ms = round(max(0.0, stop_t - start_t) * 1000, 1)
+        m.bargein_stop_ms = round((played[-1] - start_t) * 1000, 1)
 
 
 def run_interleaved(
