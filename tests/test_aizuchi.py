@@ -41,19 +41,11 @@ PERSONAS_DIR = Path(__file__).resolve().parent.parent / "personas"
 MAX_RATE = 0.10
 
 
-@pytest.mark.parametrize(
-    "language",
-    [
-        "en",
-        pytest.param(
-            "ja",
-            marks=pytest.mark.skip(
-                reason="25 % false stops: whisper base mishears short synthetic kana aizuchi; "
-                "run python -m voicebot.aizuchi_eval --languages ja (docs/japanese.md)"
-            ),
-        ),
-    ],
-)
+# The calls are paced in real time and mostly wait: more at once than cores is fine.
+WORKERS = 6
+
+
+@pytest.mark.parametrize("language", ["en", "ja"])
 def test_false_and_missed_stops_stay_under_ten_percent(
     language: str,
     tiny_en_model_dir: Path,
@@ -79,20 +71,22 @@ def test_false_and_missed_stops_stay_under_ten_percent(
         persona = load_persona(PERSONAS_DIR / "assistant-en.toml")
     cases = [c for c in CASES if c.language == language]
     assert sum(c.backchannel for c in cases) >= 10 and sum(not c.backchannel for c in cases) >= 10
-    speak = clip_cache(speaker(user), cache / "clips", user.name)
+    # Interruptions as short as an aizuchi, so that "short means backchannel" cannot pass.
+    assert sum(not c.backchannel and len(c.text) <= 8 for c in cases) >= 5
     report = evaluate(
         cases,
-        [speak(c.text) for c in cases],
+        clip_cache(speaker(user), cache / "clips", user.name),
         persona=persona,
         vad=SileroVad(silero_model_path),
         transcriber=stt,
         synthesizer=agent,
-        workers=3,
+        workers=WORKERS,
     )
     print(report.table())
     print(
         f"{language}: false stops {report.false_stop_rate:.0%}, "
         f"missed stops {report.missed_stop_rate:.0%}"
     )
+    assert not report.not_overlapped, report.table()  # the harness, not the decision, failed
     assert report.false_stop_rate <= MAX_RATE, report.table()
     assert report.missed_stop_rate <= MAX_RATE, report.table()

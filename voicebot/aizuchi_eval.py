@@ -6,7 +6,7 @@ transcriber: the very path a call takes. The outcome is whether the agent was ha
 greeting as heard is cut short). A backchannel that halts it is a *false stop*; an
 interruption that does not is a *missed stop*.
 
-    python -m voicebot.aizuchi_eval [--languages en,ja] [--workers 3] [--subset N]
+    python -m voicebot.aizuchi_eval [--languages en,ja] [--workers 6]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from voicebot.vad import VAD_SAMPLE_RATE, VoiceActivityModel
 
 __all__ = [
     "AGENT_LINES",
+    "AGENT_REPLIES",
     "CASES",
     "CaseResult",
     "EvalReport",
@@ -95,6 +96,12 @@ CASES: tuple[OverlapCase, ...] = (
             "日付を間違えました。",
             "駐車場はありますか。",
             "いえ、結構です。",
+            # Short ones: as brief as an aizuchi, so duration alone cannot tell them apart.
+            "待って。",
+            "いいえ。",
+            "違います。",
+            "ちょっと。",
+            "すみません。",
         ),
     ),
     *_cases(
@@ -124,6 +131,12 @@ CASES: tuple[OverlapCase, ...] = (
             "I need a table for three.",
             "Actually, cancel it.",
             "No.",
+            # Short ones (with "Stop." and "No." above): as brief as a backchannel.
+            "Wait.",
+            "Hold on.",
+            "Sorry?",
+            "What?",
+            "Hang on.",
         ),
     ),
 )
@@ -140,6 +153,9 @@ AGENT_LINES: dict[str, str] = {
 }
 """What the agent is saying (its greeting) when the user talks over it."""
 
+AGENT_REPLIES: dict[str, str] = {"ja": "はい。", "en": "Okay."}
+"""What it answers a real interruption with (the reply is not under test)."""
+
 
 @dataclass(frozen=True)
 class CaseResult:
@@ -153,6 +169,8 @@ class CaseResult:
     """Everything the transcriber returned during the case."""
     pause_s: float
     """Longest silence in the agent's speech after the overlap began."""
+    overlapped: bool = True
+    """Whether the agent was talking when the user began (else the case tested nothing)."""
 
     @property
     def correct(self) -> bool:
@@ -178,6 +196,11 @@ class EvalReport:
         return self._rate(True)
 
     @property
+    def not_overlapped(self) -> list[CaseResult]:
+        """Cases where the agent was not yet talking: a fault of the run, not a verdict."""
+        return [r for r in self.results if not r.overlapped]
+
+    @property
     def missed_stop_rate(self) -> float:
         """Share of interruptions the agent talked over."""
         return self._rate(False)
@@ -187,7 +210,7 @@ class EvalReport:
         lines = []
         for r in self.results:
             label = "aizuchi" if r.case.backchannel else "interrupt"
-            verdict = "ok " if r.correct else "ERR"
+            verdict = ("ok " if r.correct else "ERR") if r.overlapped else "N/A"
             lines.append(
                 f"{verdict} {r.case.language} {label:9s} halted={r.halted!s:5s} "
                 f"pause={r.pause_s:4.1f}s {r.case.text!r} -> {list(r.transcripts)!r}"
@@ -224,18 +247,22 @@ class _RecordingTranscriber:
 class _CachedSynthesizer:
     """A real voice whose output is kept per text: every case hears the same agent audio."""
 
-    def __init__(self, inner: Synthesizer) -> None:
+    def __init__(self, inner: Synthesizer, lock: threading.Lock) -> None:
         self._inner = inner
         self.name = inner.name
         self.sample_rate = inner.sample_rate
         self._cache: dict[str, list[MonoAudio]] = {}
-        self._lock = threading.Lock()
+        self._lock = lock
 
     def synthesize(self, text: str) -> Iterator[MonoAudio]:
-        with self._lock:
-            if text not in self._cache:
-                self._cache[text] = list(self._inner.synthesize(text))
-            pieces = self._cache[text]
+        # A cached line must not wait for the lock: the agent would start late, after the
+        # user's utterance it is meant to be talking under.
+        pieces = self._cache.get(text)
+        if pieces is None:
+            with self._lock:
+                pieces = self._cache.get(text)
+                if pieces is None:
+                    pieces = self._cache[text] = list(self._inner.synthesize(text))
         yield from pieces
 
 
@@ -256,6 +283,12 @@ def clip_cache(
         return VAD_SAMPLE_RATE, samples
 
     return cached
+
+
+def _audible(audio: np.ndarray, rate: int, start_s: float, end_s: float) -> bool:
+    """Whether there is sound between ``start_s`` and ``end_s``."""
+    window = audio[int(start_s * rate) : int(end_s * rate)]
+    return bool(window.size) and float(np.abs(window).max()) > 0.01
 
 
 def _silent_stretch(audio: np.ndarray, rate: int, start_s: float) -> float:
@@ -294,7 +327,7 @@ def run_case(
     stack = PersonaStack(
         persona=persona,
         transcriber=recorder,
-        chat=_ScriptedChat("はい。" if persona.language == "ja" else "Okay."),
+        chat=_ScriptedChat(AGENT_REPLIES[persona.language]),
         synthesizer=synthesizer,
     )
     runtime = Runtime(
@@ -312,12 +345,13 @@ def run_case(
         heard=heard,
         transcripts=tuple(recorder.texts),
         pause_s=_silent_stretch(reply, out_rate, OVERLAP_AT_S),
+        overlapped=_audible(reply, out_rate, OVERLAP_AT_S - 0.3, OVERLAP_AT_S),
     )
 
 
 def evaluate(
     cases: Sequence[OverlapCase],
-    clips: Sequence[MonoAudio],
+    speak: Callable[[str], MonoAudio],
     *,
     persona: Persona,
     vad: VoiceActivityModel,
@@ -326,26 +360,35 @@ def evaluate(
     turn_config: TurnConfig | None = None,
     workers: int = 2,
 ) -> EvalReport:
-    """Run the cases (``workers`` simulated calls at a time: they are paced in real time)."""
+    """Run the cases, ``workers`` simulated calls at a time (they are paced in real time and
+    mostly wait, so more calls than cores is fine).
+
+    ``speak`` turns a case's text into the user's clip; each call speaks its own just before
+    it starts, so the synthesis of later clips overlaps the earlier calls.
+    """
     persona = persona.model_copy(update={"greeting": AGENT_LINES[persona.language]})
-    cached = _CachedSynthesizer(synthesizer)
-    list(cached.synthesize(persona.greeting))  # once, before the clock starts
+    # One TTS at a time: the agent's and the user's voice may be the same model (Kokoro).
+    tts_lock = threading.Lock()
+    cached = _CachedSynthesizer(synthesizer, tts_lock)
+    for line in (persona.greeting, AGENT_REPLIES[persona.language]):
+        list(cached.synthesize(line))  # once, before any call starts
     config = turn_config or TurnConfig()
+
+    def one(case: OverlapCase) -> CaseResult:
+        with tts_lock:
+            clip = speak(case.text)
+        return run_case(
+            case,
+            clip,
+            persona=persona,
+            vad=vad,
+            transcriber=transcriber,
+            synthesizer=cached,
+            turn_config=config,
+        )
+
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aizuchi") as pool:
-        futures = [
-            pool.submit(
-                run_case,
-                case,
-                clip,
-                persona=persona,
-                vad=vad,
-                transcriber=transcriber,
-                synthesizer=cached,
-                turn_config=config,
-            )
-            for case, clip in zip(cases, clips, strict=True)
-        ]
-        return EvalReport([f.result() for f in futures])
+        return EvalReport(list(pool.map(one, cases)))
 
 
 def main() -> None:
@@ -357,7 +400,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--languages", default="ja,en")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--personas", type=Path, default=Path("personas"))
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "voicebot-aizuchi"
@@ -387,11 +430,9 @@ def main() -> None:
             agent = user_voice = PiperSynthesizer(str(joe), voices_dir=joe.parent)
             persona = load_persona(args.personas / "assistant-en.toml")
             voice_name = "piper:joe"
-        speak = clip_cache(speaker(user_voice), args.cache / "clips", voice_name)
-        clips = [speak(c.text) for c in cases]
         report = evaluate(
             cases,
-            clips,
+            clip_cache(speaker(user_voice), args.cache / "clips", voice_name),
             persona=persona,
             vad=vad,
             transcriber=stt,
