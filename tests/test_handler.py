@@ -220,3 +220,27 @@ def test_stt_failure_apologizes_and_the_turn_records_the_error() -> None:
     turn = result.turns[0]
     assert turn.sequence == 1 and turn.error is not None and "stt" in turn.error
     assert turn.assistant_text == "Sorry, something went wrong."
+
+
+class _SlowSecondChunk(fakes.ToneSynthesizer):
+    """The second chunk's audio comes late, as TTS does on a loaded machine."""
+
+    def synthesize(self, text: str):  # type: ignore[no-untyped-def]
+        if len(self.texts) == 1:
+            time.sleep(1.5)
+        yield from super().synthesize(text)
+
+
+def test_speech_between_two_chunks_still_interrupts_the_agent() -> None:
+    chat = fakes.FakeChat(reply="Short one. " + LONG_REPLY, later_replies=["Okay."])
+    synth = _SlowSecondChunk(per_char_s=0.03)
+    rt = fakes.runtime(chat=chat, synthesizer=synth)
+    # "Short one." plays ~0.3 s from about 1.0 s; the user speaks at 1.6 s, in the gap
+    audio = np.concatenate([tone(0.6), silence(1.0), tone(1.4), silence(3.0)])
+    result = simulate_call(rt, (16000, audio))
+    first = result.turns[0]
+    assert first.interrupted
+    assert first.assistant_text == "Short one."
+    rate, reply = result.reply_audio
+    during = reply[int(1.9 * rate) : int(3.0 * rate)]
+    assert np.max(np.abs(during)) < 0.01  # the late chunk never played over the user

@@ -400,7 +400,12 @@ class VoiceHandler(StreamHandler):
         return OUTPUT_RATE, frame.samples
 
     def _agent_audible(self) -> bool:
-        return bool(self._frames)
+        """The agent is talking: audio is queued, or a reply that has started playing is
+        still being produced (between two chunks, the next one still in TTS)."""
+        if self._frames:
+            return True
+        reply = self._reply
+        return reply is not None and reply.first_audio_t is not None and reply.producing
 
     def _push_audio(self, reply: _Reply, chunk: _Chunk, samples: Samples) -> bool:
         """Queue synthesized audio as 20 ms frames; False once the reply is cancelled."""
@@ -476,7 +481,7 @@ class VoiceHandler(StreamHandler):
             reply = self._reply
             # Already paused (its frames are kept, so the agent still counts as speaking):
             # keep the first measurement rather than timing a later utterance.
-            if reply is None or not self._frames or self._paused is reply:
+            if reply is None or not self._agent_audible() or self._paused is reply:
                 return
             stop_t = reply.last_frame_t if reply.last_frame_t is not None else self._clock()
             if reply.turn is not None:
@@ -491,7 +496,7 @@ class VoiceHandler(StreamHandler):
         if self.runtime.turn_config.backchannel_max_ms <= 0:
             return
         with self._lock:
-            if self._paused is None and self._reply is not None and self._frames:
+            if self._paused is None and self._reply is not None and self._agent_audible():
                 self._paused = self._reply
 
     def _stop_paused_reply(self, why: str) -> None:
