@@ -6,7 +6,7 @@ transcriber: the very path a call takes. The outcome is whether the agent was ha
 greeting as heard is cut short). A backchannel that halts it is a *false stop*; an
 interruption that does not is a *missed stop*.
 
-    python -m voicebot.aizuchi_eval [--languages en,ja] [--workers 6]
+    python -m voicebot.aizuchi_eval [--languages en,ja] [--workers 8]
 """
 
 from __future__ import annotations
@@ -142,16 +142,12 @@ CASES: tuple[OverlapCase, ...] = (
 )
 
 AGENT_LINES: dict[str, str] = {
-    "ja": (
-        "お電話ありがとうございます。レストランさくらでございます。"
-        "本日はご予約のお電話でよろしいでしょうか。"
-    ),
-    "en": (
-        "Thanks for calling Sakura restaurant. We are open from eleven in the morning until "
-        "ten at night. How can I help you today?"
-    ),
+    "ja": "お電話ありがとうございます。レストランさくらでございます。",
+    "en": "Thanks for calling Sakura restaurant. How can I help you today?",
 }
-"""What the agent is saying (its greeting) when the user talks over it."""
+"""What the agent is saying (its greeting) when the user talks over it: about 4 s, so that
+it is still talking when the shortest utterance (under a barge-in's 160 ms) has ended, and
+no longer, since every call plays it out in real time."""
 
 AGENT_REPLIES: dict[str, str] = {"ja": "はい。", "en": "Okay."}
 """What it answers a real interruption with (the reply is not under test)."""
@@ -400,7 +396,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--languages", default="ja,en")
-    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--personas", type=Path, default=Path("personas"))
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "voicebot-aizuchi"
