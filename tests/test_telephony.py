@@ -590,7 +590,8 @@ def test_real_models_phone_call_hears_a_reply_and_barge_in_clears_twilio(
     text = WhisperTranscriber(str(tiny_en_model_dir)).transcribe(
         (16000, resample(answer_audio, 8000, 16000)), "en"
     )
-    assert "paris" in text.lower()
+    # tiny.en on 8 kHz μ-law hears "Paris" as "Carises" now and then: two words of three
+    assert sum(word in text.lower() for word in ("paris", "capital", "france")) >= 2, text
     # the turn log has the phone conversation, the caller only as a hash, the story interrupted
     with psycopg.connect(pg_dsn) as conn:
         while True:
