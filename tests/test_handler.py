@@ -244,3 +244,17 @@ def test_speech_between_two_chunks_still_interrupts_the_agent() -> None:
     rate, reply = result.reply_audio
     during = reply[int(1.9 * rate) : int(3.0 * rate)]
     assert np.max(np.abs(during)) < 0.01  # the late chunk never played over the user
+
+
+def test_an_interruption_with_a_pause_in_it_is_one_turn() -> None:
+    chat = fakes.FakeChat(reply=LONG_REPLY, token_s=0.0, later_replies=["Okay."])
+    # the judgement of "Wait," takes longer than the user's pause after it
+    stt = fakes.FakeTranscriber(["tell me", "Wait.", "Wait, let me stop you there."], delay_s=0.6)
+    rt = fakes.runtime(chat=chat, transcriber=stt)
+    audio = np.concatenate(
+        [tone(0.6), silence(2.2), tone(0.4), silence(0.45), tone(1.0), silence(2.5)]
+    )
+    result = simulate_call(rt, (16000, audio))
+    assert [t.user_text for t in result.turns] == ["tell me", "Wait, let me stop you there."]
+    assert result.turns[0].interrupted
+    assert stt.calls[-1] > 1.8  # "Wait," and the rest, transcribed together

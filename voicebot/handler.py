@@ -564,8 +564,14 @@ class VoiceHandler(StreamHandler):
     def _on_user_turn(
         self, event: UserTurn, closed_t: float, transcript: Future[str] | None = None
     ) -> None:
-        speech_end_t = self._wall_time(event.speech_end_sample)
         audio = self._with_carry(event.audio)
+        if transcript is not None and self._detector.speaking:
+            # Judged after the overlap ended, and the user is already talking again ("Wait,
+            # ... let me stop you there"): not a turn of its own, the start of the next one.
+            self._carry_audio = audio
+            logger.debug("the interruption goes on: carrying it into the next turn")
+            return
+        speech_end_t = self._wall_time(event.speech_end_sample)
         self._carry_audio = None
         speculative = transcript
         if self._speculative is not None and self._speculative[0] == event.speech_end_sample:

@@ -116,9 +116,9 @@ class TurnDetector:
         self._candidate_sent = False
 
     @property
-    def in_speech(self) -> bool:
-        """Whether the user is in the middle of a (started) turn."""
-        return self._started
+    def speaking(self) -> bool:
+        """Whether the current window is inside an utterance (started or not yet)."""
+        return self._in_speech
 
     @property
     def utterance_samples(self) -> int:
