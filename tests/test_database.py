@@ -60,7 +60,8 @@ def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(applied) == [[], [], [], [1, 2]]
+    # each version exactly once, whichever runner got to it (each file is its own transaction)
+    assert sorted(v for versions in applied for v in versions) == [1, 2]
 
 
 def test_unreachable_dsn_is_one_clear_config_error(tmp_path) -> None:
