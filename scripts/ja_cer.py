@@ -9,27 +9,13 @@ import argparse
 import json
 import tempfile
 import time
-import unicodedata
 from pathlib import Path
 
 import soundfile
 
+from voicebot.bench.metrics import error_count
 from voicebot.bench.models import base_multilingual_model
 from voicebot.stt import WhisperTranscriber
-
-
-def _chars(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text)
-    return "".join(ch for ch in text if ch.isalnum())
-
-
-def _distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        previous, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
-    return row[-1]
 
 
 def main() -> None:
@@ -49,10 +35,10 @@ def main() -> None:
         started = time.perf_counter()
         heard = stt.transcribe((rate, audio), "ja")
         seconds += time.perf_counter() - started
-        ref, hyp = _chars(item["text"]), _chars(heard)
-        errors += _distance(ref, hyp)
-        total += len(ref)
-        print(f"{_distance(ref, hyp):3d}/{len(ref):3d}  {item['text']}  ->  {heard}")
+        count = error_count(item["text"], heard, "ja")  # the bench's CER
+        errors += count.errors
+        total += count.length
+        print(f"{count.errors:3d}/{count.length:3d}  {item['text']}  ->  {heard}")
     print(f"CER {errors / max(total, 1):.1%} ({errors}/{total} characters), STT {seconds:.1f} s")
 
 
