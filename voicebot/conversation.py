@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -44,6 +44,10 @@ class Timings:
     tts_first_ms: float | None = None
     v2v_ms: float | None = None
     bargein_stop_ms: float | None = None
+
+
+TIMING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Timings))
+"""The names of the per-turn timings, in order (turn log columns, bench metrics)."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from voicebot.conversation import Channel, Conversation, Timings, Turn, utc_now
+from voicebot.conversation import TIMING_FIELDS, Channel, Conversation, Timings, Turn, utc_now
 from voicebot.errors import StageError
 
 logger = logging.getLogger(__name__)
@@ -51,15 +51,7 @@ NOTIFY_CHANNEL = "voicebot_turns"
 Record = dict[str, Any]
 """A JSON-ready record: ``{"kind": "conversation" | "conversation_end" | "turn", ...}``."""
 
-_TIMING_FIELDS = (
-    "endpoint_ms",
-    "stt_ms",
-    "llm_ttft_ms",
-    "llm_first_chunk_ms",
-    "tts_first_ms",
-    "v2v_ms",
-    "bargein_stop_ms",
-)
+_TIMING_FIELDS = TIMING_FIELDS
 _CHANNELS = ("web", "phone", "api", "simulate")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from voicebot.bench.baseline import BaselineTurn, SileroV6PauseModel, cookbook_call
 from voicebot.bench.corpus import CORPUS_RATE, CorpusItem
 from voicebot.bench.metrics import error_count
-from voicebot.conversation import Turn
+from voicebot.conversation import TIMING_FIELDS, Turn
 from voicebot.handler import VoiceHandler
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.simulate import FRAME_S, CallTrace, DrivenHandler, Interruption, drive
@@ -42,15 +42,7 @@ logger = logging.getLogger(__name__)
 
 Pipeline = Literal["ours", "baseline"]
 PIPELINES: tuple[Pipeline, ...] = ("ours", "baseline")
-METRICS = (
-    "endpoint_ms",
-    "stt_ms",
-    "llm_ttft_ms",
-    "llm_first_chunk_ms",
-    "tts_first_ms",
-    "v2v_ms",
-    "bargein_stop_ms",
-)
+METRICS = TIMING_FIELDS
 _SETTLE_S = 0.5
 
 
