@@ -183,7 +183,10 @@ def test_every_protected_route_needs_the_token(
         "/ui/",
     ]
     good = {"Authorization": f"Bearer {TOKEN}"}
-    with LiveServer(app) as live, httpx.Client(base_url=live.http, timeout=30) as http:
+    with (
+        LiveServer(app, log_level="info") as live,
+        httpx.Client(base_url=live.http, timeout=30) as http,
+    ):
         for path in gets:
             assert http.get(path).status_code == 401, path
             assert http.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -235,6 +238,8 @@ def test_every_protected_route_needs_the_token(
         if r.name.split(".")[0] in ("voicebot", "uvicorn", "fastrtc", "gradio", "starlette")
     ]
     assert server_side and not any(TOKEN in m for m in server_side)
+    # at INFO, the level users run: uvicorn's websocket lines were written, masked
+    assert any("[accepted]" in m and "token=***" in m for m in server_side)
 
 
 def test_body_limits_and_cors(tmp_path: Path) -> None:

@@ -57,11 +57,25 @@ from voicebot.turns import TurnConfig
 class LiveServer:
     """The app under uvicorn on a loopback port, in a thread (lifespan included)."""
 
-    def __init__(self, app: Any, *, startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        startup_timeout_s: float = 120.0,
+        log_level: str = "warning",
+        root_path: str = "",
+    ) -> None:
         self.port = free_port()
         self.app = app
+        # log_config=None: uvicorn's records reach the root logger (and pytest's caplog)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", ws="websockets-sansio"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level=log_level,
+            log_config=None,
+            ws="websockets-sansio",
+            root_path=root_path,
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)

@@ -185,8 +185,11 @@ def build_page(stream: Any, runtime: Runtime) -> Any:
 
 def launch_ui(settings: Settings, runtime: Runtime) -> Any:
     """Start serving the Gradio page and return it once it answers (``block_thread()`` waits)."""
+    from voicebot.server.access import page_middleware
+
     page = build_page(build_stream(runtime, settings), runtime)
     page.launch(
+        app_kwargs={"middleware": page_middleware(settings)},
         server_name=settings.host,
         server_port=settings.port,
         share=False,

@@ -127,6 +127,10 @@ def ui(
             host=host,
             port=port,
         )
+        from voicebot.server.access import check_exposure, install_log_redaction, log_secrets
+
+        check_exposure(settings)
+        install_log_redaction(log_secrets(settings))
         with _maybe_store(settings, store) as turn_store:
             runtime = build_runtime(settings, store=turn_store)
             page = launch_ui(settings, runtime)
@@ -272,9 +276,10 @@ def serve(
         return
     import uvicorn
 
-    from voicebot.server import RedactTokenFilter, create_app
+    from voicebot.server import create_app
+    from voicebot.server.access import install_log_redaction, log_secrets
 
-    logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())
+    install_log_redaction(log_secrets(settings))
     try:
         application = create_app(settings, ui=ui)
     except VoicebotError as e:

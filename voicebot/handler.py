@@ -522,7 +522,7 @@ class VoiceHandler(StreamHandler):
             if reply is not None and reply.turn is not None:
                 reply.turn.timings.bargein_stop_ms = None
             self._lock.notify_all()
-        logger.info("backchannel %r: agent goes on", heard)
+        logger.info("backchannel: agent goes on")
 
     def _settle_pause(self, event: UserTurn, closed_t: float) -> None:
         """The overlapping utterance ended: a backchannel resumes the agent, anything else is a
@@ -556,7 +556,7 @@ class VoiceHandler(StreamHandler):
             if is_backchannel(text, duration_s, persona.backchannels, persona.language):
                 self._resume_paused_reply(text)
             else:
-                self._stop_paused_reply(f"said {text!r}")
+                self._stop_paused_reply("the user took the turn")
                 self._on_user_turn(event, closed_t, transcript=future)
 
         threading.Thread(target=classify, name="backchannel", daemon=True).start()

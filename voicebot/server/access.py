@@ -14,8 +14,12 @@ import ipaddress
 import json
 import logging
 import re
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi.responses import JSONResponse
@@ -24,9 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from voicebot.conversation import Channel
 from voicebot.errors import ConfigError
 from voicebot.settings import Settings
-
-if TYPE_CHECKING:
-    from voicebot.server.service import VoiceService
 
 logger = logging.getLogger(__name__)
 
@@ -60,61 +61,215 @@ def check_exposure(settings: Settings) -> None:
     )
 
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)(token=)[^&\s]*")
+# A query value named like a token (token=, access_token=, voicebot_token=...) and a bearer
+# credential, wherever they appear in a log line.
+_TOKEN_IN_TEXT = re.compile(r"(?i)(token=|bearer\s+)[^&\s\"']+")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with token query values, bearer credentials and each of ``secrets`` masked."""
+    text = _TOKEN_IN_TEXT.sub(r"\1***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 class RedactTokenFilter(logging.Filter):
-    """Masks ``token=`` query values in uvicorn's access log lines."""
+    """Masks tokens in a record's message and arguments (for a handler or logger of your own;
+    ``install_log_redaction`` covers every logger of the process)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
+        _redact_record(record, self.secrets)
         return True
+
+
+def _redact_record(record: logging.LogRecord, secrets: tuple[str, ...]) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format: the handler reports it, with the arguments it has
+        return
+    clean = redact(message, secrets)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        clean = redact(text, secrets)
+        if clean != text:
+            record.exc_text = clean  # what Formatter.format would have cached, masked
+
+
+def log_secrets(settings: Settings) -> list[str]:
+    """The configured secrets a log must never show."""
+    return [
+        secret.get_secret_value()
+        for secret in (settings.api_token, settings.twilio_auth_token)
+        if secret is not None and secret.get_secret_value()
+    ]
+
+
+_redaction_lock = threading.Lock()
+_redaction_secrets: set[str] = set()
+
+
+def install_log_redaction(secrets: Iterable[str] = ()) -> None:
+    """Mask tokens in every log record this process creates, whatever logger or handler it
+    goes through (uvicorn's ``"WebSocket /…?token=…" [accepted]`` included): the record
+    factory redacts the message before any handler sees it. Idempotent; ``secrets`` (e.g.
+    the API token) are masked wherever they appear."""
+    with _redaction_lock:
+        _redaction_secrets.update(s for s in secrets if s)
+        current = logging.getLogRecordFactory()
+        if getattr(current, "voicebot_redacts", False):
+            return
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = current(*args, **kwargs)
+            _redact_record(record, tuple(_redaction_secrets))
+            return record
+
+        factory.voicebot_redacts = True  # type: ignore[attr-defined]
+        logging.setLogRecordFactory(factory)
 
 
 def _same(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-class Guard:
-    """ASGI middleware for one mount: bearer token, body size limit. Paths outside the mount,
-    and the health probes, pass untouched; Twilio routes are left to the signature check."""
+def route_path(scope: Scope) -> str:
+    """The path the app's router matches: ``scope["path"]`` less the root path, as Starlette
+    does (a server's ``--root-path``, ``FastAPI(root_path=...)`` or a parent ``Mount``)."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "") or ""
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
 
-    def __init__(self, app: ASGIApp, *, service: VoiceService) -> None:
+
+def _relative(path: str, prefix: str) -> str | None:
+    if not prefix:
+        return path
+    if path == prefix or path.startswith(prefix + "/"):
+        return path[len(prefix) :] or "/"
+    return None
+
+
+def _ip_not_loopback(address: Any) -> str | None:
+    """The host of an ASGI ``server``/``client`` pair when it is an IP off loopback."""
+    if not isinstance(address, list | tuple) or not address or not isinstance(address[0], str):
+        return None  # a unix socket, or a test transport with no address
+    try:
+        ip = ipaddress.ip_address(address[0].strip("[]"))
+    except ValueError:
+        return None
+    return None if ip.is_loopback else address[0]
+
+
+_PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def exposure_of(scope: Scope) -> str | None:
+    """Why a request did not come from this machine directly (None when it did): it arrived
+    on an address off loopback, from a client off loopback, or through a proxy."""
+    local = _ip_not_loopback(scope.get("server"))
+    if local is not None:
+        return f"it arrived on {local}"
+    client = _ip_not_loopback(scope.get("client"))
+    if client is not None:
+        return f"it came from {client}"
+    headers = dict(scope.get("headers") or [])
+    if any(h in headers for h in _PROXY_HEADERS):
+        return "it came through a proxy"
+    return None
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """What one mount's guard enforces."""
+
+    prefix: str
+    """The mount path inside the app ("" = every path)."""
+    api_token: str | None
+    max_body_bytes: int
+    twilio_signed: bool = False
+    """Twilio's routes are checked by their signature instead of the bearer token."""
+    open_paths: frozenset[str] = frozenset({"/healthz", "/readyz"})
+    cookie_paths: tuple[str, ...] = ("/ui",)
+    """Where a ``?token=`` visit gets the token as a cookie (the page's own requests)."""
+    on_reject: Callable[[Channel, str], None] | None = None
+
+
+class Guard:
+    """ASGI middleware for one mount: bearer token, loopback-only serving without a token, body
+    size limit. Paths outside the mount, and the open paths (health probes), pass untouched;
+    Twilio routes are left to the signature check."""
+
+    def __init__(self, app: ASGIApp, *, policy: GuardPolicy) -> None:
         self.app = app
-        self.service = service
+        self.policy = policy
+        self._warned = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        rel = self.service.relative_path(scope.get("path", ""))
-        if rel is None or rel in ("/healthz", "/readyz") or scope.get("method") == "OPTIONS":
+        policy = self.policy
+        rel = _relative(route_path(scope), policy.prefix)
+        if rel is None or rel in policy.open_paths or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        if rel.startswith("/telephone/") and self.service.signature_checker is not None:
+        if rel.startswith("/telephone/") and policy.twilio_signed:
             await self._limited(scope, receive, send)
             return
-        token = self.service.api_token
+        token = policy.api_token
         if token is None:
+            exposed = exposure_of(scope)
+            if exposed is not None:
+                self._reject(rel, "exposed")
+                if not self._warned:
+                    self._warned = True
+                    logger.error(
+                        "refused a request: %s, and no VOICEBOT_API_TOKEN is set (without one "
+                        "voicebot answers only on loopback)",
+                        exposed,
+                    )
+                await _deny(
+                    scope,
+                    receive,
+                    send,
+                    403,
+                    "this server has no VOICEBOT_API_TOKEN: it answers only on loopback",
+                )
+                return
             await self._limited(scope, receive, send)
             return
         given, from_query = _token_of(scope)
         if not _same(given, token):
-            self.service.metrics.call_rejected(_channel_of(rel), "unauthorized")
+            self._reject(rel, "unauthorized")
             await _deny(scope, receive, send, 401, "missing or wrong bearer token")
             return
-        if from_query and rel.startswith("/ui") and scope["type"] == "http":
-            send = _with_cookie(send, token, self.service.path or "/")
+        if (
+            from_query
+            and scope["type"] == "http"
+            and any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in policy.cookie_paths)
+        ):
+            public_prefix = (scope.get("root_path", "") or "") + policy.prefix
+            send = _with_cookie(send, token, public_prefix or "/")
         await self._limited(scope, receive, send)
+
+    def _reject(self, rel: str, reason: str) -> None:
+        if self.policy.on_reject is not None:
+            self.policy.on_reject(_channel_of(rel), reason)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        limit = self.service.settings.max_body_bytes
+        limit = self.policy.max_body_bytes
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -205,3 +360,21 @@ def _channel_of(rel: str) -> Channel:
     if rel.startswith("/ui"):
         return "web"
     return "api"
+
+
+def page_middleware(settings: Settings) -> list[Any]:
+    """The guard for a page Gradio serves itself (``voicebot ui``), as FastAPI middleware.
+
+    Gradio's launch checks its own ``startup-events`` route without credentials: that one
+    stays open."""
+    from starlette.middleware import Middleware
+
+    token = settings.api_token.get_secret_value() if settings.api_token else ""
+    policy = GuardPolicy(
+        prefix="",
+        api_token=token or None,
+        max_body_bytes=settings.max_body_bytes,
+        open_paths=frozenset({"/gradio_api/startup-events"}),
+        cookie_paths=("/",),
+    )
+    return [Middleware(Guard, policy=policy)]

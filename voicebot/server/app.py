@@ -11,7 +11,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from voicebot.errors import ConfigError
-from voicebot.server.access import Guard, check_exposure
+from voicebot.server.access import (
+    Guard,
+    GuardPolicy,
+    check_exposure,
+    install_log_redaction,
+    log_secrets,
+)
 from voicebot.server.routes import api, health, phone, rtc
 from voicebot.server.service import GOODBYE_GRACE_S, BackendFactory, VoiceService
 from voicebot.settings import Settings
@@ -29,16 +35,20 @@ def mount(
 
     Models load when the app's lifespan starts (once per app for equal settings) and are
     released when it ends. Returns the mount's ``VoiceService``.
+
+    Without ``VOICEBOT_API_TOKEN`` the mount answers only requests that reach it on loopback,
+    from loopback, not through a proxy (the host app's own bind address decides what that
+    is, not ``settings.host``). Log records of the process are redacted of the token.
     """
     settings = settings or Settings()
-    check_exposure(settings)
     path = path.rstrip("/")
     if path and not path.startswith("/"):
         raise ConfigError(f"mount path must start with '/': {path!r}")
     service = VoiceService(app, settings, path=path, backend=backend)
     for routes in (rtc, phone, api, health):
         app.include_router(routes.build_router(service))
-    app.add_middleware(Guard, service=service)
+    app.add_middleware(Guard, policy=guard_policy(service))
+    install_log_redaction(log_secrets(settings))
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -59,6 +69,17 @@ def mount(
     if ui:
         _mount_ui(app, service)
     return service
+
+
+def guard_policy(service: VoiceService) -> GuardPolicy:
+    """The access rules of one mount."""
+    return GuardPolicy(
+        prefix=service.path,
+        api_token=service.api_token,
+        max_body_bytes=service.settings.max_body_bytes,
+        twilio_signed=service.signature_checker is not None,
+        on_reject=service.metrics.call_rejected,
+    )
 
 
 def _mount_ui(app: FastAPI, service: VoiceService) -> None:
@@ -87,6 +108,8 @@ def create_app(
     settings: Settings | None = None, *, ui: bool = False, backend: BackendFactory | None = None
 ) -> FastAPI:
     """A FastAPI app serving the agent at the root; nothing loads until its lifespan starts."""
+    settings = settings or Settings()
+    check_exposure(settings)  # where `voicebot serve` binds; the guard checks each request too
     app = FastAPI(title="voicebot", docs_url=None, redoc_url=None, openapi_url=None)
     mount(app, "", settings=settings, ui=ui, backend=backend)
     return app
