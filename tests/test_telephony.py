@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -168,10 +169,12 @@ class TwilioClient:
         headers: dict[str, str] | None = None,
         stream_sid: str | None = None,
         parameters: dict[str, str] | None = None,
+        call_sid: str | None = None,
     ) -> None:
         self.url = url
         self.headers = headers or {}
         self.stream_sid = stream_sid or f"MZ{uuid.uuid4().hex}"
+        self.call_sid = call_sid or f"CA{uuid.uuid4().hex}"
         self.parameters = parameters or {}
         self.heard = Heard()
         self.ws: ClientConnection | None = None
@@ -193,7 +196,7 @@ class TwilioClient:
                 "start": {
                     "accountSid": "AC" + "0" * 32,
                     "streamSid": self.stream_sid,
-                    "callSid": "CA" + uuid.uuid4().hex,
+                    "callSid": self.call_sid,
                     "tracks": ["inbound"],
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
                     "customParameters": self.parameters,
@@ -505,8 +508,10 @@ def test_twilio_signatures_are_required_when_configured(tmp_path: Path) -> None:
         ok = httpx.post(url, data=form, headers={"X-Twilio-Signature": checker.sign(url, form)})
         assert ok.status_code == 200, ok.text
         assert "<Connect><Stream" in ok.text and "/telephone/handler" in ok.text
-        assert '<Parameter name="persona" value="test-en" />' in ok.text
-        assert caller_hash("+15559998888", b"pepper") in ok.text
+        # persona and caller stay on the server, with the stream's one-time ticket
+        ticket = re.search(r'<Parameter name="ticket" value="([^"]+)" />', ok.text)
+        assert ticket is not None, ok.text
+        assert caller_hash("+15559998888", b"pepper") not in ok.text
         assert "5559998888" not in ok.text
         forged = httpx.post(
             url, data=form, headers={"X-Twilio-Signature": checker.sign(url, {**form, "To": "1"})}
@@ -524,7 +529,9 @@ def test_twilio_signatures_are_required_when_configured(tmp_path: Path) -> None:
                 async with TwilioClient(ws_url, headers={"X-Twilio-Signature": "forged"}):
                     pass
             signed = {"X-Twilio-Signature": checker.sign(ws_url, {})}
-            async with TwilioClient(ws_url, headers=signed) as caller:
+            async with TwilioClient(
+                ws_url, headers=signed, parameters={"ticket": ticket[1]}, call_sid="CA1"
+            ) as caller:
                 assert await caller.wait_for(lambda: caller.heard.media_frames > 5, 10)
                 await caller.stop()
 

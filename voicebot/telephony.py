@@ -17,12 +17,15 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +201,92 @@ def load_salt(configured: str | None, path: Path) -> bytes:
     return salt
 
 
+# --- binding a Media Stream to the call just answered ------------------------------------------
+
+TICKET_TTL_S = 60.0
+"""How long Twilio has to open the Media Stream after we answered the call."""
+CALL_MEMORY_S = 24 * 3600.0
+"""How long an answered CallSid is remembered, so a replayed webhook gets no second stream."""
+
+
+@dataclass(frozen=True)
+class TicketRecord:
+    """What a ticket was issued for: the stream takes these, not its unsigned parameters."""
+
+    call_sid: str | None
+    persona: str
+    caller: str | None
+    expires_at: float
+
+
+class StreamTickets:
+    """One-time, short-lived tickets that bind a Media Stream to a call we just answered.
+
+    ``POST /telephone/incoming`` (signature-checked) issues one and puts it in the TwiML as a
+    ``<Parameter>``; the stream's ``start`` message must bring it back, within ``ttl_s``, once,
+    for the same CallSid. Twilio signs the handshake URL but not the parameters, and the same
+    signature works forever: the ticket is what makes a stream belong to one answered call.
+    A CallSid is answered once (remembered ``call_memory_s``, at most ``max_calls``), so a
+    replayed webhook gets no ticket.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = TICKET_TTL_S,
+        call_memory_s: float = CALL_MEMORY_S,
+        max_pending: int = 10_000,
+        max_calls: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._call_memory_s = call_memory_s
+        self._max_pending = max_pending
+        self._max_calls = max_calls
+        self._clock = clock
+        self._pending: dict[str, TicketRecord] = {}
+        self._answered: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, call_sid: str | None, persona: str, caller: str | None) -> str | None:
+        """A ticket for the call's stream; None when that CallSid was answered already (a
+        replay) or too many tickets wait (the webhook is being flooded)."""
+        now = self._clock()
+        with self._lock:
+            self._prune(now)
+            if call_sid is not None:
+                if call_sid in self._answered:
+                    return None
+                self._answered[call_sid] = now
+                while len(self._answered) > self._max_calls:
+                    self._answered.popitem(last=False)
+            if len(self._pending) >= self._max_pending:
+                return None
+            ticket = secrets.token_urlsafe(24)
+            self._pending[ticket] = TicketRecord(call_sid, persona, caller, now + self._ttl_s)
+            return ticket
+
+    def redeem(self, ticket: str | None, call_sid: str | None) -> TicketRecord | None:
+        """The ticket's record, once; None when it is unknown, expired, used, or was issued
+        for another call."""
+        if not ticket:
+            return None
+        now = self._clock()
+        with self._lock:
+            record = self._pending.pop(ticket, None)
+        if record is None or record.expires_at < now:
+            return None
+        if record.call_sid is not None and record.call_sid != call_sid:
+            return None
+        return record
+
+    def _prune(self, now: float) -> None:
+        for ticket in [t for t, r in self._pending.items() if r.expires_at < now]:
+            del self._pending[ticket]
+        while self._answered and next(iter(self._answered.values())) < now - self._call_memory_s:
+            self._answered.popitem(last=False)
+
+
 # --- the Media Stream call ---------------------------------------------------------------------
 
 
@@ -236,6 +325,7 @@ class PhoneCall:
         on_update: Callable[[str, TurnUpdate], None] | None = None,
         on_end: Callable[[str], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
+        admit: Callable[[StreamStart], Mapping[str, str] | None] | None = None,
     ) -> None:
         self.ws = websocket
         self._new_handler = new_handler
@@ -247,6 +337,8 @@ class PhoneCall:
         self._on_update = on_update
         self._on_end = on_end
         self._on_reject = on_reject
+        self._admit = admit
+        """Checks ``start`` (its ticket) and returns the parameters to trust, or None."""
         self._send_lock = asyncio.Lock()
         self._marks_pending: dict[str, asyncio.Event] = {}
         self._mark_count = 0
@@ -266,6 +358,14 @@ class PhoneCall:
             await self._close()
             return
         self.stream_sid = start.stream_sid
+        if self._admit is not None:
+            trusted = self._admit(start)
+            if trusted is None:
+                if self._on_reject is not None:
+                    self._on_reject("bad_ticket")
+                await self._close(code=1008)
+                return
+            start = dataclasses.replace(start, parameters=dict(trusted))
         persona = start.parameters.get("persona") or None
         if not self._slots.try_acquire("phone"):
             logger.warning("phone call refused: every line is busy")
@@ -364,10 +464,10 @@ class PhoneCall:
         if event is not None:
             event.set()
 
-    async def _close(self) -> None:
+    async def _close(self, code: int = 1000) -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await self.ws.close()
+                await self.ws.close(code=code)
 
     async def _say_busy_and_hang_up(self, persona: str | None) -> None:
         """Speak the persona's busy message in its own voice, wait until played, hang up."""

@@ -11,9 +11,9 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from voicebot.conversation import Turn
@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 
 SSE_KEEPALIVE_S = 15.0
+
+# Query values out of range are the client's mistake: FastAPI answers 422 saying which.
+ConversationsLimit = Annotated[int, Query(ge=1, le=500, description="conversations, newest first")]
+TurnsLimit = Annotated[int, Query(ge=1, le=10000, description="turns, oldest first")]
+Backlog = Annotated[int, Query(ge=0, le=1000, description="stored turns sent first")]
 
 
 def _turn_json(turn: Turn) -> dict[str, Any]:
@@ -89,7 +94,7 @@ def build_router(service: VoiceService) -> APIRouter:
         ]
 
     @router.get("/api/conversations", tags=["voicebot"])
-    async def conversations(limit: int = 20) -> Any:
+    async def conversations(limit: ConversationsLimit = 20) -> Any:
         pool = _pool_or_503(service)
         if isinstance(pool, Response):
             return pool
@@ -97,7 +102,7 @@ def build_router(service: VoiceService) -> APIRouter:
             return await _list_conversations(conn, max(0, min(limit, 500)))
 
     @router.get("/api/conversations/{conversation_id}", tags=["voicebot"])
-    async def conversation(conversation_id: uuid.UUID, limit: int = 1000) -> Any:
+    async def conversation(conversation_id: uuid.UUID, limit: TurnsLimit = 1000) -> Any:
         pool = _pool_or_503(service)
         if isinstance(pool, Response):
             return pool
@@ -108,7 +113,7 @@ def build_router(service: VoiceService) -> APIRouter:
         return found
 
     @router.get("/api/conversations/{conversation_id}/events", tags=["voicebot"])
-    async def conversation_events(conversation_id: uuid.UUID, backlog: int = 0) -> Response:
+    async def conversation_events(conversation_id: uuid.UUID, backlog: Backlog = 0) -> Response:
         from voicebot.store import follow_turns
 
         if service.backend is None or service.backend.dsn is None:

@@ -1,4 +1,12 @@
-"""Twilio: ``POST /telephone/incoming`` (TwiML) and ``WS /telephone/handler`` (media)."""
+"""Twilio: ``POST /telephone/incoming`` (TwiML) and ``WS /telephone/handler`` (media).
+
+With ``TWILIO_AUTH_TOKEN`` set, both check ``X-Twilio-Signature`` against the URL Twilio used:
+``VOICEBOT_PUBLIC_URL`` when set, else the request's scheme (a proxy's ``X-Forwarded-Proto``,
+applied by the server) and ``Host``, plus the root path and the path. The webhook answers a
+CallSid once and hands out a one-time ticket (``voicebot.telephony.StreamTickets``) in the
+TwiML; the media stream must bring it back in its ``start`` message, and takes its persona and
+caller from the ticket, never from its own (unsigned) parameters.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +18,13 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import PlainTextResponse, Response
 
+from voicebot.server.access import route_path
 from voicebot.server.service import GOODBYE_GRACE_S
 
 if TYPE_CHECKING:
     from voicebot.handler import TurnUpdate
     from voicebot.server.service import VoiceService
+    from voicebot.telephony import StreamStart
 
 
 logger = logging.getLogger(__name__)
@@ -24,6 +34,10 @@ def build_router(service: VoiceService) -> APIRouter:
     settings = service.settings
     router = APIRouter(prefix=service.path)
     stream = service.stream
+    from voicebot.telephony import StreamTickets  # numpy: not at import
+
+    tickets = StreamTickets()
+    signed = service.signature_checker is not None
 
     @router.post("/telephone/incoming", tags=["voicebot"])
     async def incoming(request: Request) -> Response:
@@ -40,16 +54,25 @@ def build_router(service: VoiceService) -> APIRouter:
             return Response(
                 twiml_busy(persona.busy_message, persona.language), media_type="application/xml"
             )
-        parameters = {"persona": persona.name}
+        call_sid = form.get("CallSid") or None
+        if signed and call_sid is None:
+            service.metrics.call_rejected("phone", "bad_request")
+            return PlainTextResponse("no CallSid in the webhook", status_code=400)
+        caller = None
         if form.get("From"):
             salt = await asyncio.to_thread(
                 load_salt,
                 settings.caller_hash_salt.get_secret_value() if settings.caller_hash_salt else None,
                 settings.data_dir / "caller-salt",
             )
-            parameters["caller"] = caller_hash(form["From"], salt)
+            caller = caller_hash(form["From"], salt)
+        ticket = tickets.issue(call_sid, persona.name, caller)
+        if ticket is None:
+            service.metrics.call_rejected("phone", "replayed")
+            logger.warning("call %s was answered already: no second media stream", call_sid)
+            return PlainTextResponse("this call was answered already", status_code=409)
         url = _stream_url(service, request)
-        return Response(twiml_connect(url, parameters), media_type="application/xml")
+        return Response(twiml_connect(url, {"ticket": ticket}), media_type="application/xml")
 
     @router.websocket("/telephone/handler")
     async def telephone(websocket: WebSocket) -> None:
@@ -85,22 +108,58 @@ def build_router(service: VoiceService) -> APIRouter:
             on_update=on_update,
             on_end=on_end,
             on_reject=lambda reason: service.metrics.call_rejected("phone", reason),
+            admit=admit,
         )
         await call.run()
+
+    def admit(start: StreamStart) -> dict[str, str] | None:
+        """The parameters a stream may use: its ticket's, or (bearer-token or loopback serving,
+        no Twilio signatures) its own when it brings no ticket."""
+        ticket = start.parameters.get("ticket")
+        if ticket is None and not signed:
+            return dict(start.parameters)
+        record = tickets.redeem(ticket, start.call_sid)
+        if record is None:
+            logger.warning(
+                "media stream %s refused: %s ticket",
+                start.stream_sid,
+                "no" if ticket is None else "an unknown, expired or used",
+            )
+            return None
+        trusted = {"persona": record.persona}
+        if record.caller is not None:
+            trusted["caller"] = record.caller
+        return trusted
 
     return router
 
 
-def _public_base(service: VoiceService, scheme: str, netloc: str) -> str:
+def public_url(service: VoiceService, conn: Request | WebSocket) -> str:
+    """The URL a client outside used for this request (what Twilio signs): the configured
+    public URL or the request's scheme and Host, then the root path, the path and the query."""
+    scope = conn.scope
+    path = (scope.get("root_path") or "") + route_path(scope)
+    query = scope.get("query_string", b"").decode("latin-1")
+    return _public_base(service, conn) + path + (f"?{query}" if query else "")
+
+
+def _public_base(service: VoiceService, conn: Request | WebSocket) -> str:
+    websocket = conn.url.scheme in ("ws", "wss")
     if service.settings.public_url:
-        return service.settings.public_url.rstrip("/")
-    return f"{scheme}://{netloc}"
+        base = service.settings.public_url.rstrip("/")
+        return re.sub(r"^http", "ws", base) if websocket else base
+    return f"{conn.url.scheme}://{conn.url.netloc}"
 
 
 def _stream_url(service: VoiceService, request: Request) -> str:
-    base = _public_base(service, "https", request.url.netloc)
+    """Where Twilio opens the Media Stream: this mount's handler route, always over wss."""
+    if service.settings.public_url:
+        base = service.settings.public_url.rstrip("/")
+    else:
+        base = f"https://{request.url.netloc}"
     base = re.sub(r"^http", "ws", base)  # https → wss (Twilio only connects to wss)
-    return f"{base}{service.path}/telephone/handler"
+    root = request.scope.get("root_path") or ""
+    return f"{base}{root}{service.path}/telephone/handler"
 
 
 def _twilio_ok(
@@ -110,18 +169,10 @@ def _twilio_ok(
     checker = service.signature_checker
     if checker is None:
         return True  # the bearer-token guard (or loopback-only serving) protects the route
-    url = conn.url
-    scheme = url.scheme
-    if service.settings.public_url:
-        base = service.settings.public_url.rstrip("/")
-        if scheme in ("ws", "wss"):
-            base = re.sub(r"^http", "ws", base)
-    else:
-        base = f"{scheme}://{url.netloc}"
-    full = base + url.path + (f"?{url.query}" if url.query else "")
+    full = public_url(service, conn)
     ok: bool = checker.valid(full, params, signature)
     if not ok:
         logger.warning(
-            "rejected a request to %s with a missing or forged Twilio signature", url.path
+            "rejected a request to %s with a missing or forged Twilio signature", conn.url.path
         )
     return ok
