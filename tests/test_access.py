@@ -7,7 +7,7 @@ import asyncio
 import re
 import uuid
 import warnings
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ from tests.test_telephony import LiveServer, TwilioClient, backend_of, fake_runt
 from voicebot.conversation import Conversation, Turn
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.server import create_app, mount
-from voicebot.server.access import exposure_of, route_path
+from voicebot.server.access import (
+    StoredConversation,
+    exposure_of,
+    resume_refusal,
+    route_path,
+)
 from voicebot.settings import Settings
 from voicebot.telephony import SignatureChecker, StreamTickets, caller_hash
 from voicebot.turns import TurnConfig
@@ -258,3 +263,75 @@ def test_a_media_stream_needs_the_ticket_of_a_call_just_answered(tmp_path: Path)
     (opened,) = store.opened
     assert opened.persona == "front-desk" and opened.channel == "phone"
     assert opened.caller_ref == caller_hash("+15559998888", b"pepper")
+
+
+# --- who may continue which conversation --------------------------------------------------------
+
+
+def test_resume_policy() -> None:
+    web = StoredConversation("test-en", "web")
+    assert resume_refusal(web, persona="test-en", channel="web") is None
+    assert resume_refusal(web, persona="front-desk", channel="web") is not None
+    assert resume_refusal(web, persona="test-en", channel="api") is not None
+    assert resume_refusal(web, persona="test-en", channel="phone") is not None
+    assert resume_refusal(StoredConversation("test-en", "phone"), persona="test-en", channel="web")
+    assert resume_refusal(StoredConversation(None, None), persona="test-en", channel="web")
+    assert resume_refusal(None, persona="test-en", channel="web") is not None
+
+
+def test_the_page_continues_only_its_own_conversations_and_never_rewrites_them(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    import psycopg
+
+    from voicebot.store import PostgresTurnStore
+
+    store = PostgresTurnStore(pg_dsn, tmp_path / "spool.jsonl", 100).start()
+    runtime = _two_personas(RecordingStore())
+    runtime = Runtime(
+        vad=runtime.vad,
+        stacks=runtime.stacks,
+        turn_config=runtime.turn_config,
+        default_persona=runtime.default_persona,
+        store=store,
+    )
+    earlier = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    phone, web, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    store.open_conversation(Conversation(phone, "test-en", "phone", earlier, caller_ref="h:1"))
+    store.open_conversation(Conversation(web, "test-en", "web", earlier))
+    store.open_conversation(Conversation(other, "front-desk", "web", earlier))
+    for cid in (phone, web, other):
+        store.record(Turn(cid, 1, "a private question", "an answer"))
+    assert store.flush(10)
+
+    def stored(cid: uuid.UUID) -> tuple[Any, ...]:
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute(
+                "SELECT persona, channel, started_at, caller_ref FROM conversations WHERE id = %s",
+                (cid,),
+            ).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    before = {cid: stored(cid) for cid in (phone, web, other)}
+    app = FastAPI()
+    service = mount(
+        app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(runtime, pg_dsn)
+    )
+    with TestClient(app):
+        attempts = [(phone, False), (other, False), ("not-an-id", False), (web, True)]
+        for cid, allowed in attempts:
+            handler = service.new_handler("web", persona_from_ui=True)
+            handler.resume(cid)  # what the page's "continue conversation" box does
+            assert (handler.conversation_id == cid) is allowed, cid
+            assert bool(handler.history) is allowed, cid
+            handler._open()  # the call starts: its conversation record is written
+            handler.shutdown()
+        api = service.new_handler("api")
+        api.resume(web)
+        assert api.conversation_id != web  # the API never continues one
+        assert store.flush(10)
+    store.close()
+    # what each conversation was started with is unchanged
+    assert {cid: stored(cid) for cid in (phone, web, other)} == before
+    assert before[phone] == ("test-en", "phone", earlier, "h:1")

@@ -210,6 +210,7 @@ ON CONFLICT (id) DO UPDATE SET
     channel = EXCLUDED.channel,
     caller_ref = EXCLUDED.caller_ref,
     started_at = EXCLUDED.started_at
+WHERE conversations.persona IS NULL  -- only a stub (turns first): a conversation keeps its start
 """
 
 _END_CONVERSATION = """

@@ -362,6 +362,34 @@ def _channel_of(rel: str) -> Channel:
     return "api"
 
 
+@dataclass(frozen=True)
+class StoredConversation:
+    """What the turn log says a conversation was started with."""
+
+    persona: str | None
+    channel: str | None
+
+
+def resume_refusal(
+    stored: StoredConversation | None, *, persona: str, channel: Channel
+) -> str | None:
+    """Why a call may not continue a stored conversation; None when it may.
+
+    Only the page continues conversations, and only its own: one started on the page, with
+    the persona this call uses. A phone (or API, or simulated) conversation is never loaded
+    into a page call's context, and continuing never changes what a conversation was started
+    with (the turn log keeps a conversation's first record)."""
+    if channel != "web":
+        return f"a {channel} call does not continue conversations"
+    if stored is None:
+        return "the turn log has no such conversation"
+    if stored.channel != channel:
+        return f"it is a {stored.channel or 'not yet recorded'} conversation, not a page one"
+    if stored.persona != persona:
+        return f"it was started with another persona ({stored.persona})"
+    return None
+
+
 def page_middleware(settings: Settings) -> list[Any]:
     """The guard for a page Gradio serves itself (``voicebot ui``), as FastAPI middleware.
 

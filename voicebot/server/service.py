@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 GOODBYE_GRACE_S = 20.0
 """After the time limit, how long the goodbye may take before the call is cut."""
+RESUME_LOOKUP_S = 5.0
+"""Longest wait for the turn log to say whether a call may continue a conversation."""
 
 
 @dataclass
@@ -120,6 +123,20 @@ def _served_handler_classes() -> tuple[type[Any], type[Any]]:
             self.service.call_started(self)
             super().start_up()
 
+        def resume(self, conversation_id: str | uuid.UUID) -> None:
+            refusal = self.service.resume_refusal(
+                conversation_id, self.persona_name, self.channel_kind
+            )
+            if refusal is not None:
+                logger.warning(
+                    "call %s: not continuing conversation %.40r (%s); starting a new one",
+                    self.conversation_id,
+                    str(conversation_id),
+                    refusal,
+                )
+                return
+            super().resume(conversation_id)
+
         def shutdown(self) -> None:
             try:
                 super().shutdown()
@@ -188,6 +205,7 @@ class VoiceService:
         self._phone_active = 0
         self._phone_calls: set[str] = set()
         self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         prototype = self.prototype("api", from_ui=False)
         hard_limit = (
             None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
@@ -220,6 +238,7 @@ class VoiceService:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Load (or share) the backend, run the time-limit watchdog; undo both on exit."""
+        self._loop = asyncio.get_running_loop()
         self.backend = await self._shared.acquire()
         if self.backend.dsn is not None:
             from psycopg_pool import AsyncConnectionPool
@@ -307,6 +326,37 @@ class VoiceService:
     def release(self, channel: Channel) -> None:
         if channel == "phone":
             self._phone_active = max(0, self._phone_active - 1)
+
+    def resume_refusal(
+        self, conversation_id: str | uuid.UUID, persona: str, channel: Channel
+    ) -> str | None:
+        """Why a call may not continue ``conversation_id`` (None: it may); the policy is
+        ``access.resume_refusal``. Blocking: call it from the call's thread, not the loop."""
+        from voicebot.server.access import resume_refusal
+
+        try:
+            cid = uuid.UUID(str(conversation_id))
+        except ValueError:
+            return "not a conversation id"
+        if self._pool is None or self._loop is None:
+            return "no turn log"
+        try:
+            found = asyncio.run_coroutine_threadsafe(
+                self._stored_conversation(cid), self._loop
+            ).result(timeout=RESUME_LOOKUP_S)
+        except Exception as e:  # the turn log cannot say: do not continue
+            return f"the turn log did not answer ({type(e).__name__})"
+        return resume_refusal(found, persona=persona, channel=channel)
+
+    async def _stored_conversation(self, cid: uuid.UUID) -> Any:
+        from voicebot.server.access import StoredConversation
+        from voicebot.server.routes.api import _read_conversation
+
+        async with self._pool.connection() as conn:
+            found = await _read_conversation(conn, cid, 1)
+        if found is None:
+            return None
+        return StoredConversation(found["persona"], found["channel"])
 
     async def _watch_time_limits(self) -> None:
         """Say the persona's goodbye to every call over its time limit."""
