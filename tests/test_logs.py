@@ -271,6 +271,8 @@ def test_serve_logs_neither_the_token_nor_what_the_caller_said(
     lowered = log.lower()
     for text in texts:
         words = re.sub(r"[^\w\s]", "", text.lower()).strip()
+        if len(words.split()) < 2:
+            continue  # "Stop." alone also spells an LLM's done_reason=stop: checked below
         assert text.lower() not in lowered and words not in lowered, text
     for word in ("capital of france", "that is enough"):
         assert word not in lowered
