@@ -270,6 +270,7 @@ def test_serve_logs_neither_the_token_nor_what_the_caller_said(
     assert TOKEN not in log
     lowered = log.lower()
     for text in texts:
+        assert repr(text).lower() not in lowered, text  # how a log line would quote it
         words = re.sub(r"[^\w\s]", "", text.lower()).strip()
         if len(words.split()) < 2:
             continue  # "Stop." alone also spells an LLM's done_reason=stop: checked below
