@@ -99,6 +99,7 @@ def test_exposure_is_judged_per_request() -> None:
     proxied = {**local, "headers": [(b"x-forwarded-for", b"198.51.100.1")]}
     assert exposure_of(proxied) == "it came through a proxy"
     assert exposure_of({"server": None, "client": None, "headers": []}) is None  # unix socket
+    assert exposure_of({**local, "client": ("::ffff:127.0.0.1", 5)}) is None  # dual stack
 
 
 def test_a_mount_without_token_answers_only_on_loopback(tmp_path: Path) -> None:

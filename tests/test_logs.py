@@ -97,7 +97,7 @@ class Process:
             stdin=subprocess.DEVNULL,
         )
 
-    def wait_until_up(self, url: str, timeout_s: float = 120) -> None:
+    def wait_until_up(self, url: str, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()

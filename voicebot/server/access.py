@@ -3,7 +3,13 @@
 With ``VOICEBOT_API_TOKEN`` set, every route but ``/healthz`` and ``/readyz`` needs
 ``Authorization: Bearer <token>`` (or ``?token=`` for websockets and the page, which then sets
 a cookie); Twilio's routes need a valid ``X-Twilio-Signature`` instead when
-``TWILIO_AUTH_TOKEN`` is set. Without a token the server only runs bound to loopback.
+``TWILIO_AUTH_TOKEN`` is set. Without a token, a mount answers only requests that arrive on
+loopback, from loopback, not through a proxy (judged per request: the host app's real bind
+address decides, not ``settings.host``); ``voicebot serve`` and ``ui`` refuse to start beyond
+loopback without one. The guard matches the path the router matches (root path removed).
+
+Who may continue which conversation (``resume_refusal``) and the log redaction that keeps
+tokens out of every log record (``install_log_redaction``) live here too.
 """
 
 from __future__ import annotations
@@ -166,7 +172,8 @@ def _ip_not_loopback(address: Any) -> str | None:
         ip = ipaddress.ip_address(address[0].strip("[]"))
     except ValueError:
         return None
-    return None if ip.is_loopback else address[0]
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return None if ip.is_loopback or (mapped is not None and mapped.is_loopback) else address[0]
 
 
 _PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
