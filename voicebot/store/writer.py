@@ -89,7 +89,8 @@ class PostgresTurnStore:
     ``pool_or_dsn``: a psycopg_pool ``ConnectionPool`` (not closed by us) or a DSN (we create and
     close the pool). ``overflow_size``: how many records may wait for the spooler when the queue
     is full. ``prepare``: run (on the writer thread) before the first write, until it succeeds,
-    e.g. the migrations of a database that was down at start. Call ``start()`` once,
+    e.g. the migrations of a database that was down at start (``known_down``: that outage was
+    logged already). Call ``start()`` once,
     ``close(timeout_s)`` at the end (or use ``with``).
     """
 
@@ -106,7 +107,10 @@ class PostgresTurnStore:
         retry_max_s: float = 5.0,
         prepare: Callable[[], object] | None = None,
         database_name: str = "the database",
+        known_down: bool = False,
     ) -> None:
+        self.dsn = pool_or_dsn if isinstance(pool_or_dsn, str) else None
+        """The DSN the store was given (None when given a pool)."""
         if isinstance(pool_or_dsn, str):
             self._pool: ConnectionPool[Any] = ConnectionPool(
                 pool_or_dsn,
@@ -140,7 +144,7 @@ class PostgresTurnStore:
         self._inflight: list[Record] = []
         self._inflight_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self._db_down = False  # the writer's view, for logging each outage once
+        self._db_down = known_down  # the writer's view, for logging each outage once
         self._queue_full = False  # the callers' view, for logging each overflow once
         self._spool_failing = False  # for logging each episode of spool loss once
         self._overflow_full = False
@@ -443,6 +447,7 @@ class PostgresTurnStore:
             self._database_down(e)
             return False
         self._prepared = True
+        self._database_up()
         return True
 
     def _write(self, records: Sequence[Record]) -> bool:
