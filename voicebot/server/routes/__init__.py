@@ -1,0 +1,1 @@
+"""The HTTP and websocket routes of a mount, one module per area."""
