@@ -11,9 +11,10 @@ records, when it passes ``allow_unreachable=True`` (serving, simulating): it sta
 ``database.ready`` False, its store spools, and ``ensure_ready()`` (which the store's writer
 calls until it succeeds) connects and migrates when the server comes back. A DSN that is wrong
 (malformed, an unknown database or role, a refused password: the server answered and said no)
-is always a ``ConfigError`` at start, since waiting would never fix it. A second process with the same data dir attaches to
-the server already running there; the embedded server stops when the last process using it
-stops it.
+is always a ``ConfigError`` at start, since waiting would never fix it.
+
+A second process with the same data dir attaches to the server already running there; the
+embedded server stops when the last process using it stops it.
 """
 
 from __future__ import annotations
