@@ -268,9 +268,10 @@ class TurnFeed:
         while True:
             wanted: list[UUID] = []
             ended: list[UUID] = []
-            async for notify in conn.notifies(timeout=1.0):
+            # Never leave these generators with break: they hold the connection's lock until
+            # closed. Wait for one, then take what else arrived meanwhile without waiting.
+            async for notify in conn.notifies(timeout=1.0, stop_after=1):
                 self._route(notify.payload, wanted, ended)
-                break  # then take what else arrived meanwhile, without waiting
             async for notify in conn.notifies(timeout=0.0):
                 self._route(notify.payload, wanted, ended)
             for stored in await fetch_ids(conn, wanted):

@@ -3,8 +3,8 @@
 A service creates one ``TurnLog(dsn)`` per process, ``await start()`` in its lifespan and
 ``await close()`` at the end. Every method raises ``StageError("store", ...)`` when the database
 cannot answer (the API's 503); ``subscribe`` also raises ``FeedFull`` at the subscriber cap.
-PostgreSQL connections per process: at most ``pool_size`` plus one listening connection,
-whatever the number of subscribers.
+PostgreSQL connections per process: at most ``pool_size`` (``application_name`` voicebot-api)
+plus one listening connection (voicebot-feed), whatever the number of subscribers.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ class TurnLog:
             max_size=pool_size,
             open=False,
             timeout=timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": max(2, round(timeout_s))},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(2, round(timeout_s)),
+                "application_name": "voicebot-api",
+            },
             name="voicebot-api",
         )
         self.feed = TurnFeed(
@@ -60,7 +64,10 @@ class TurnLog:
 
     async def _listen_connection(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=max(2, round(self._timeout_s))
+            self._dsn,
+            autocommit=True,
+            connect_timeout=max(2, round(self._timeout_s)),
+            application_name="voicebot-feed",
         )
 
     async def start(self) -> None:

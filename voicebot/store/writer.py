@@ -117,7 +117,10 @@ class PostgresTurnStore:
                 min_size=1,
                 max_size=4,
                 open=False,
-                kwargs={"connect_timeout": max(2, round(connect_timeout_s))},
+                kwargs={
+                    "connect_timeout": max(2, round(connect_timeout_s)),
+                    "application_name": "voicebot-store",
+                },
                 check=ConnectionPool.check_connection,
                 timeout=connect_timeout_s,
                 reconnect_timeout=5.0,
