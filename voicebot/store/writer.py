@@ -151,6 +151,7 @@ class PostgresTurnStore:
         self._queue_full = False  # the callers' view, for logging each overflow once
         self._spool_failing = False  # for logging each episode of spool loss once
         self._overflow_full = False
+        self._spool_dirty = False  # set by whoever appends to the spool; the writer replays it
         self.stats = {"written": 0, "spooled": 0, "replayed": 0, "rejected": 0, "lost": 0}
         """Counters since start: records written, spooled, replayed from the spool, rejected
         (set aside in the ``.rejected`` file); ``lost``: turns neither stored nor spooled."""
@@ -335,6 +336,7 @@ class PostgresTurnStore:
                     turns,
                 )
             return
+        self._spool_dirty = True
         if self._spool_failing:
             self._spool_failing = False
             logger.warning("the spool %s is writable again", self.spool.path)
@@ -371,7 +373,7 @@ class PostgresTurnStore:
     def _run(self) -> None:
         retry_at = 0.0  # monotonic time before which the database is not tried again
         backoff = self._retry_min_s
-        spool_dirty = self.spool.pending()
+        self._spool_dirty = self.spool.pending()
         while True:
             closing = self._closing.is_set()
             try:
@@ -386,17 +388,17 @@ class PostgresTurnStore:
                 db_ok = time.monotonic() >= retry_at
                 if db_ok and not self._prepared:
                     db_ok = self._run_prepare()
-                if db_ok and spool_dirty:
+                if db_ok and self._spool_dirty:
+                    self._spool_dirty = False  # before: the spooler may set it again meanwhile
                     db_ok = self._replay()
-                    spool_dirty = self.spool.pending()
+                    if not db_ok:
+                        self._spool_dirty = True
                 if batch and db_ok:
                     db_ok = self._write(batch)
                     if not db_ok:
                         self._spool(batch)
-                        spool_dirty = True
                 elif batch:
                     self._spool(batch)
-                    spool_dirty = True
                 if db_ok:
                     backoff = self._retry_min_s
                 elif time.monotonic() >= retry_at:
@@ -405,7 +407,6 @@ class PostgresTurnStore:
             except Exception:
                 logger.exception("store writer failed; spooling %d records", len(batch))
                 self._spool(batch)
-                spool_dirty = True
             finally:
                 with self._inflight_lock:
                     self._inflight = []
@@ -470,7 +471,8 @@ class PostgresTurnStore:
         try:
             with self._pool.connection(timeout=self._timeout_s) as conn:
                 try:
-                    with conn.transaction(), conn.cursor() as cur:
+                    # Pipelined: one round trip per batch, not two per record (a remote server).
+                    with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                         for record in records:
                             apply(cur, record)
                 except _UNREACHABLE:
