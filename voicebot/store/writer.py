@@ -2,7 +2,8 @@
 
 ``PostgresTurnStore.record(turn)`` only snapshots the turn into a bounded in-process queue and
 returns: it never touches the disk or the network on the caller's thread. A writer thread drains
-the queue into PostgreSQL through a psycopg_pool pool. While the database cannot be reached the
+the queue into PostgreSQL over one connection of its own (reads go through a small pool that
+connects only when used). While the database cannot be reached the
 writer appends the records to the spool (``voicebot.store.spool``) and replays it once the
 database is back. When the queue is full, ``record()`` hands the record to a second bounded
 queue that a spooler thread appends to the spool; only when that one is full too is the record
@@ -29,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,15 +83,18 @@ _WAKE: Record = {"kind": "wake"}
 
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 
+SPOOL_LOG_INTERVAL_S = 60.0
+"""A spool failure is logged again only after this long without one."""
+
 
 class PostgresTurnStore:
     """TurnStore writing behind the caller into PostgreSQL, spooling while it is unreachable.
 
-    ``pool_or_dsn``: a psycopg_pool ``ConnectionPool`` (not closed by us) or a DSN (we create and
-    close the pool). ``overflow_size``: how many records may wait for the spooler when the queue
-    is full. ``prepare``: run (on the writer thread) before the first write, until it succeeds,
-    e.g. the migrations of a database that was down at start (``known_down``: that outage was
-    logged already). Call ``start()`` once,
+    ``pool_or_dsn``: a psycopg_pool ``ConnectionPool`` (not closed by us) or a DSN (the writer
+    keeps one connection; reads use a pool we create and close). ``overflow_size``: how many
+    records may wait for the spooler when the queue is full. ``prepare``: run (on the writer
+    thread) before the first write, until it succeeds, e.g. the migrations of a database that
+    was down at start (``known_down``: that outage was logged already). Call ``start()`` once,
     ``close(timeout_s)`` at the end (or use ``with``).
     """
 
@@ -114,8 +118,8 @@ class PostgresTurnStore:
         if isinstance(pool_or_dsn, str):
             self._pool: ConnectionPool[Any] = ConnectionPool(
                 pool_or_dsn,
-                min_size=1,
-                max_size=4,
+                min_size=0,  # reads only: no background connecting (nor its logs) during an outage
+                max_size=2,
                 open=False,
                 kwargs={
                     "connect_timeout": max(2, round(connect_timeout_s)),
@@ -130,6 +134,7 @@ class PostgresTurnStore:
         else:
             self._pool = pool_or_dsn
             self._owns_pool = False
+        self._writer_conn: psycopg.Connection[Any] | None = None
         self.spool = Spool(spool_path)
         self._queue: queue.Queue[Record] = queue.Queue(maxsize=max(1, queue_size))
         self._overflow: queue.Queue[Record] = queue.Queue(maxsize=max(1, overflow_size))
@@ -149,7 +154,7 @@ class PostgresTurnStore:
         self._stats_lock = threading.Lock()
         self._db_down = known_down  # the writer's view, for logging each outage once
         self._queue_full = False  # the callers' view, for logging each overflow once
-        self._spool_failing = False  # for logging each episode of spool loss once
+        self._spool_failed_at = float("-inf")  # for logging each episode of loss once
         self._overflow_full = False
         self._spool_dirty = False  # set by whoever appends to the spool; the writer replays it
         self.stats = {"written": 0, "spooled": 0, "replayed": 0, "rejected": 0, "lost": 0}
@@ -205,6 +210,9 @@ class PostgresTurnStore:
                 self._pool.close(timeout=1.0)
             except Exception:
                 logger.debug("closing the store pool failed", exc_info=True)
+        if self._writer_conn is not None and not (self._thread and self._thread.is_alive()):
+            with contextlib.suppress(Exception):
+                self._writer_conn.close()
 
     def __enter__(self) -> PostgresTurnStore:
         return self.start()
@@ -325,21 +333,20 @@ class PostgresTurnStore:
         except Exception as e:
             turns = sum(1 for r in records if r.get("kind") == "turn")
             self._count("lost", turns)
-            if not self._spool_failing:
-                self._spool_failing = True
+            now = time.monotonic()
+            # One line per episode: a disk that is full stays full for a while, and a small
+            # batch squeezing in between two refused ones does not end the episode.
+            if now - self._spool_failed_at > SPOOL_LOG_INTERVAL_S:
                 logger.error(
-                    "cannot write the spool %s (%s): %d records (%d turns) lost; further losses"
-                    " are counted in voicebot_turns_lost_total",
+                    "cannot write the spool %s (%s): %d turns lost so far; further losses are"
+                    " counted in voicebot_turns_lost_total",
                     self.spool.path,
                     e,
-                    len(records),
-                    turns,
+                    self.stats["lost"],
                 )
+            self._spool_failed_at = now
             return
         self._spool_dirty = True
-        if self._spool_failing:
-            self._spool_failing = False
-            logger.warning("the spool %s is writable again", self.spool.path)
         self._count("spooled", len(records))
 
     def _count(self, name: str, n: int) -> None:
@@ -469,7 +476,7 @@ class PostgresTurnStore:
                 self._reject(record, e)
         records = valid
         try:
-            with self._pool.connection(timeout=self._timeout_s) as conn:
+            with self._connection() as conn:
                 try:
                     # Pipelined: one round trip per batch, not two per record (a remote server).
                     with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
@@ -492,6 +499,30 @@ class PostgresTurnStore:
         self._database_up()
         self._count("written", len(records))
         return True
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The writer's connection: its own (reconnected after a failure), or the given pool's."""
+        if not self._owns_pool:
+            with self._pool.connection(timeout=self._timeout_s) as pooled:
+                yield pooled
+            return
+        conn = self._writer_conn
+        if conn is None or conn.closed or conn.broken:
+            assert self.dsn is not None
+            conn = psycopg.connect(
+                self.dsn,
+                connect_timeout=max(2, round(self._timeout_s)),
+                application_name="voicebot-store",
+            )
+            self._writer_conn = conn
+        try:
+            yield conn
+        except _UNREACHABLE:
+            self._writer_conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
 
     def _replay(self) -> bool:
         """Replay every spool file into the database; False when it became unreachable.
