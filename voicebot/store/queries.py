@@ -305,3 +305,18 @@ async def fetch_since(
 async def ping_async(conn: psycopg.AsyncConnection[Any]) -> None:
     """A round trip; raises psycopg.Error when the database does not answer."""
     await conn.execute("SELECT 1")
+
+
+_CREATE_SECRET = (
+    "INSERT INTO shared_secrets (name, value) VALUES (%(name)s, %(value)s)"
+    " ON CONFLICT (name) DO NOTHING"
+)
+_READ_SECRET = "SELECT value FROM shared_secrets WHERE name = %(name)s"
+
+
+async def shared_secret_async(conn: psycopg.AsyncConnection[Any], name: str, candidate: str) -> str:
+    """The value every replica shares under ``name``: ``candidate`` if this call created it,
+    else the one stored first."""
+    await conn.execute(_CREATE_SECRET, {"name": name, "value": candidate})
+    rows = await _fetch(conn, _READ_SECRET, {"name": name})
+    return str(rows[0]["value"])

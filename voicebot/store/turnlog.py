@@ -10,6 +10,7 @@ plus one listening connection (voicebot-feed), whatever the number of subscriber
 from __future__ import annotations
 
 import logging
+from secrets import token_hex
 from typing import Any
 from uuid import UUID
 
@@ -25,6 +26,7 @@ from voicebot.store.queries import (
     list_conversations_async,
     ping_async,
     read_conversation_async,
+    shared_secret_async,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class TurnLog:
             },
             name="voicebot-api",
         )
+        self._caller_salt: bytes | None = None
         self.feed = TurnFeed(
             self._listen_connection,
             lambda: self._pool.connection(timeout=self._timeout_s),
@@ -103,6 +106,17 @@ class TurnLog:
     async def subscribe(self, conversation_id: UUID, backlog: int = 0) -> Subscription:
         """Live turns of one conversation (see ``TurnFeed.subscribe``)."""
         return await self.feed.subscribe(conversation_id, max(0, backlog))
+
+    async def caller_salt(self) -> bytes:
+        """The caller-hash salt shared by every replica on this database (created once)."""
+        if self._caller_salt is None:
+            try:
+                async with self._pool.connection(timeout=self._timeout_s) as conn:
+                    value = await shared_secret_async(conn, "caller_hash_salt", token_hex(32))
+            except psycopg.Error as e:
+                raise StageError("store", f"cannot read the caller-hash salt: {e}") from e
+            self._caller_salt = value.encode()
+        return self._caller_salt
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
         """Whether the database answers within ``timeout_s`` (for readiness)."""
