@@ -255,3 +255,24 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_lost_turns_reach_the_metric(tmp_path: Path, caplog) -> None:
+    """A spool that cannot be written at all (its directory is a file) and no database: every
+    turn is counted, the metric says so, one error line says why."""
+    from voicebot.metrics import Metrics
+
+    caplog.set_level(logging.INFO, logger="voicebot.store")
+    (tmp_path / "not-a-dir").write_text("")
+    store = PostgresTurnStore(UNREACHABLE, tmp_path / "not-a-dir" / "spool.jsonl", queue_size=2)
+    metrics = Metrics()
+    metrics.track_turns_lost(lambda: store.lost_turns)
+    store.start()
+    cid = uuid.uuid4()
+    durations = timed_records(store, cid, range(1, 51))
+    store.close(timeout_s=3)
+    assert store.lost_turns == 50
+    assert p99(durations) <= 5.0
+    assert "voicebot_turns_lost_total 50.0" in metrics.render().decode()
+    errors = [r for r in caplog.records if "cannot write the spool" in r.getMessage()]
+    assert len(errors) == 1

@@ -84,14 +84,15 @@ class Subscription:
         self._done = False
         self._closed = False
 
-    def offer(self, item: _Item) -> None:
+    def offer(self, item: _Item, *, backlog: bool = False) -> None:
         """Called by the feed (on the event loop): queue an item, or end a subscriber that
-        fell too far behind."""
+        fell too far behind (``backlog``: a stored turn read at subscription, bounded by the
+        read's own limit)."""
         if self._done:
             return
         if isinstance(item, _End):
             self._done = True
-        elif self._queue.qsize() >= SUBSCRIBER_QUEUE:
+        elif not backlog and self._queue.qsize() >= SUBSCRIBER_QUEUE:
             logger.warning(
                 "a live-transcript subscriber of %s fell %d turns behind; ending it",
                 self.conversation_id,
@@ -205,7 +206,7 @@ class TurnFeed:
             subscription.close()
             raise
         for stored in first:
-            subscription.offer(stored)
+            subscription.offer(stored, backlog=True)
         if ended:
             subscription.offer(_End("ended"))
         return subscription

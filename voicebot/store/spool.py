@@ -73,9 +73,12 @@ class Spool:
         try:
             if self.path.stat().st_size > 0:
                 return True
-        except FileNotFoundError:
+        except OSError:  # absent, or its directory unusable (then append says why)
             pass
-        return bool(self._replay_files())
+        try:
+            return bool(self._replay_files())
+        except OSError:
+            return False
 
     def take(self) -> list[Path]:
         """Move the current spool aside and return every file awaiting replay, oldest first."""

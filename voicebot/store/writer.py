@@ -79,7 +79,7 @@ class TurnStore(Protocol):
 
 
 _WAKE: Record = {"kind": "wake"}
-"""Put on the queue by close() to wake the writer; never written."""
+"""Put on the queues by close() to wake the writer and the spooler; never written."""
 
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -200,11 +200,13 @@ class PostgresTurnStore:
                     len(leftover),
                 )
                 self._spool(leftover)
-        else:
-            self._spool(self._take_all(self._queue))
+        # Whatever the writer left (none unless it died): spooled, or counted as lost.
+        self._spool([r for r in self._take_all(self._queue) if r is not _WAKE])
         if self._spooler is not None:
-            self._spooler.join(max(0.1, deadline - time.monotonic()))
-        self._spool(self._take_all(self._overflow))
+            with contextlib.suppress(queue.Full):
+                self._overflow.put_nowait(_WAKE)  # wake an idle spooler now
+            self._spooler.join(max(1.0, deadline - time.monotonic()))
+        self._spool([r for r in self._take_all(self._overflow) if r is not _WAKE])
         if self._owns_pool:
             try:
                 self._pool.close(timeout=1.0)
@@ -363,16 +365,16 @@ class PostgresTurnStore:
                 if self._closing.is_set():
                     return
                 continue
-            batch = [first]
-            while len(batch) < self._batch_size:
+            taken = [first]
+            while len(taken) < self._batch_size:
                 try:
-                    batch.append(self._overflow.get_nowait())
+                    taken.append(self._overflow.get_nowait())
                 except queue.Empty:
                     break
             try:
-                self._spool(batch)
+                self._spool([r for r in taken if r is not _WAKE])
             finally:
-                for _ in batch:
+                for _ in taken:
                     self._overflow.task_done()
 
     # -- the writer thread
