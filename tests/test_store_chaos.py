@@ -269,10 +269,9 @@ def test_lost_turns_reach_the_metric(tmp_path: Path, caplog) -> None:
     metrics.track_turns_lost(lambda: store.lost_turns)
     store.start()
     cid = uuid.uuid4()
-    durations = timed_records(store, cid, range(1, 51))
+    timed_records(store, cid, range(1, 51))
     store.close(timeout_s=3)
     assert store.lost_turns == 50
-    assert p99(durations) <= 5.0
     assert "voicebot_turns_lost_total 50.0" in metrics.render().decode()
     errors = [r for r in caplog.records if "cannot write the spool" in r.getMessage()]
     assert len(errors) == 1

@@ -84,7 +84,7 @@ _WAKE: Record = {"kind": "wake"}
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 
 SPOOL_LOG_INTERVAL_S = 60.0
-"""A spool failure is logged again only after this long without one."""
+"""A spool failure (or a full queue) is logged again only after this long."""
 
 
 class PostgresTurnStore:
@@ -153,9 +153,11 @@ class PostgresTurnStore:
         self._inflight_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._db_down = known_down  # the writer's view, for logging each outage once
-        self._queue_full = False  # the callers' view, for logging each overflow once
+        self._queue_full = False  # set by callers when the queue overflows; the spooler logs
+        self._queue_full_logged_at = float("-inf")
         self._spool_failed_at = float("-inf")  # for logging each episode of loss once
-        self._overflow_full = False
+        self._overflow_full = False  # set by callers when the overflow is full too
+        self._overflow_full_logged_at = float("-inf")
         self._spool_dirty = False  # set by whoever appends to the spool; the writer replays it
         self.stats = {"written": 0, "spooled": 0, "replayed": 0, "rejected": 0, "lost": 0}
         """Counters since start: records written, spooled, replayed from the spool, rejected
@@ -294,13 +296,13 @@ class PostgresTurnStore:
             return
         except queue.Full:
             pass
-        if not self._queue_full:
-            self._queue_full = True
-            logger.warning("store queue full; spooling records until the writer catches up")
+        self._queue_full = True  # logged by the spooler: no I/O on the caller's thread
         try:
             self._overflow.put_nowait(record)
         except queue.Full:
-            self._lose([record], "the store queue and the spool queue are both full")
+            if record.get("kind") == "turn":
+                self._count("lost", 1)
+            self._overflow_full = True
 
     @staticmethod
     def _take_all(source: queue.Queue[Record], limit: int | None = None) -> list[Record]:
@@ -313,18 +315,24 @@ class PostgresTurnStore:
             source.task_done()
         return items
 
-    def _lose(self, records: Sequence[Record], why: str) -> None:
-        turns = sum(1 for r in records if r.get("kind") == "turn")
-        self._count("lost", turns)
-        with self._stats_lock:
-            first, self._overflow_full = not self._overflow_full, True
-        if first:
-            logger.error(
-                "%s: %d turns lost so far (voicebot_turns_lost_total); the disk or the database"
-                " cannot keep up",
-                why,
-                self.stats["lost"],
-            )
+    def _report_overflow(self) -> None:
+        """Log what the callers' side flagged, on the spooler's thread, at most once a minute
+        per kind (a queue that stays full would otherwise log every turn)."""
+        now = time.monotonic()
+        if self._queue_full:
+            self._queue_full = False
+            if now - self._queue_full_logged_at > SPOOL_LOG_INTERVAL_S:
+                self._queue_full_logged_at = now
+                logger.warning("store queue full; spooling records until the writer catches up")
+        if self._overflow_full:
+            self._overflow_full = False
+            if now - self._overflow_full_logged_at > SPOOL_LOG_INTERVAL_S:
+                self._overflow_full_logged_at = now
+                logger.error(
+                    "the store queue and the spool queue are both full: %d turns lost so far"
+                    " (voicebot_turns_lost_total); the disk or the database cannot keep up",
+                    self.stats["lost"],
+                )
 
     def _spool(self, records: Sequence[Record]) -> None:
         """Append to the spool (on the writer's or the spooler's thread, or at close)."""
@@ -363,8 +371,10 @@ class PostgresTurnStore:
                 first = self._overflow.get(timeout=0.05 if self._closing.is_set() else 0.5)
             except queue.Empty:
                 if self._closing.is_set():
+                    self._report_overflow()
                     return
                 continue
+            self._report_overflow()
             taken = [first]
             while len(taken) < self._batch_size:
                 try:
@@ -421,10 +431,6 @@ class PostgresTurnStore:
                     self._inflight = []
                 for _ in taken:
                     self._queue.task_done()
-            if not taken:
-                self._queue_full = False
-                with self._stats_lock:
-                    self._overflow_full = False
             if closing and not batch and self._queue.empty():
                 return
 
