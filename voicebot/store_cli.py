@@ -17,6 +17,7 @@ from uuid import UUID
 
 import typer
 
+from voicebot.conversation import turn_dict
 from voicebot.database import mask_dsn, open_database, start_database
 from voicebot.errors import ConfigError
 from voicebot.settings import Settings
@@ -95,30 +96,8 @@ async def _follow(dsn: str, conversation_id: UUID | None, backlog: int, as_json:
 
 
 def turn_json(stored: StoredTurn) -> dict[str, Any]:
-    """The ``--json`` form of one turn (also what the API can serve)."""
-    turn = stored.turn
-    t = turn.timings
-    return {
-        "turn": turn.sequence,
-        "conversation_id": str(turn.conversation_id),
-        "turn_id": str(turn.turn_id),
-        "user_text": turn.user_text,
-        "assistant_text": turn.assistant_text,
-        "interrupted": turn.interrupted,
-        "error": turn.error,
-        "timings": {
-            "endpoint_ms": t.endpoint_ms,
-            "stt_ms": t.stt_ms,
-            "llm_ttft_ms": t.llm_ttft_ms,
-            "llm_first_chunk_ms": t.llm_first_chunk_ms,
-            "tts_first_ms": t.tts_first_ms,
-            "v2v_ms": t.v2v_ms,
-            "bargein_stop_ms": t.bargein_stop_ms,
-        },
-        "models": {"stt": turn.stt_model, "llm": turn.llm_model, "tts": turn.tts_model},
-        "started_at": turn.started_at.isoformat(),
-        "created_at": stored.created_at.isoformat(),
-    }
+    """The ``--json`` form of one turn: ``turn_dict`` plus when its row was written."""
+    return turn_dict(stored.turn) | {"created_at": stored.created_at.isoformat()}
 
 
 def _format(stored: StoredTurn, as_json: bool) -> str:

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -183,22 +184,38 @@ def caller_hash(number: str, salt: bytes) -> str:
 
 
 def load_salt(configured: str | None, path: Path) -> bytes:
-    """The configured salt, or a random one created once and kept (0600) at ``path``."""
+    """The configured salt, or a random one created once and kept at ``path`` (mode 0600).
+
+    Creation is atomic: the salt is written to a private temporary file that is then linked
+    into place, so a process racing us either wins or reads the winner's complete salt. (A
+    service with a turn log keeps the salt in the database instead, shared by every replica.)
+    """
     if configured:
         return configured.encode()
     try:
-        return path.read_bytes()
+        existing = path.read_bytes()
+        if existing:
+            return existing
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    salt = secrets.token_hex(32).encode()
+    candidate = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with open(path, "xb") as f:  # another process may have won the race
-            f.write(salt)
-        path.chmod(0o600)
+        os.write(fd, secrets.token_hex(32).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(candidate, path)  # fails if another process got there first: theirs wins
     except FileExistsError:
-        return path.read_bytes()
-    return salt
+        if not path.read_bytes():  # left empty by an older version's race: replace it
+            logger.warning("caller-hash salt file %s was empty; replacing it", path)
+            os.replace(candidate, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            candidate.unlink()
+    return path.read_bytes()
 
 
 # --- binding a Media Stream to the call just answered ------------------------------------------

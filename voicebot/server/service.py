@@ -25,6 +25,7 @@ from voicebot.settings import Settings
 if TYPE_CHECKING:
     from voicebot.handler import VoiceHandler
     from voicebot.runtime import Runtime
+    from voicebot.store import TurnLog
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +50,10 @@ BackendFactory = Callable[[Settings], AbstractContextManager[Backend]]
 def default_backend(settings: Settings, personas: Iterable[str] | None = None) -> Iterator[Backend]:
     """PostgreSQL (embedded unless VOICEBOT_DATABASE_URL), the turn store and the models of
     ``personas`` (default: every persona file)."""
-    from voicebot.app import build_runtime
-    from voicebot.database import open_database
-    from voicebot.store import PostgresTurnStore
+    from voicebot.app import build_runtime, open_turn_store
 
-    with open_database(settings) as database:
-        logger.info("turn log in %s", database.display_dsn)
-        store = PostgresTurnStore(
-            database.dsn, settings.spool_path, settings.store_queue_size
-        ).start()
-        try:
-            yield Backend(build_runtime(settings, personas=personas, store=store), database.dsn)
-        finally:
-            store.close()
+    with open_turn_store(settings) as store:
+        yield Backend(build_runtime(settings, personas=personas, store=store), store.dsn)
 
 
 @dataclass
@@ -74,6 +66,8 @@ class _Shared:
     backend: Backend | None = None
     context: AbstractContextManager[Backend] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    turn_log: TurnLog | None = None
+    """Reads and live turns of the turn log: one per process, like the backend."""
 
     async def acquire(self) -> Backend:
         async with self.lock:
@@ -81,6 +75,11 @@ class _Shared:
                 context = self.factory(self.settings)
                 self.backend = await asyncio.to_thread(context.__enter__)
                 self.context = context
+                if self.backend.dsn is not None:
+                    from voicebot.store import TurnLog
+
+                    self.turn_log = TurnLog(self.backend.dsn)
+                    await self.turn_log.start()
             self.users += 1
             return self.backend
 
@@ -89,6 +88,9 @@ class _Shared:
             self.users -= 1
             if self.users == 0 and self.context is not None:
                 context, self.context, self.backend = self.context, None, None
+                turn_log, self.turn_log = self.turn_log, None
+                if turn_log is not None:
+                    await turn_log.close()
                 await asyncio.to_thread(context.__exit__, None, None, None)
 
 
@@ -204,8 +206,8 @@ class VoiceService:
         self._ending: set[int] = set()
         self._phone_active = 0
         self._phone_calls: set[str] = set()
-        self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn_log: TurnLog | None = None
         prototype = self.prototype("api", from_ui=False)
         hard_limit = (
             None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
@@ -240,13 +242,12 @@ class VoiceService:
         """Load (or share) the backend, run the time-limit watchdog; undo both on exit."""
         self._loop = asyncio.get_running_loop()
         self.backend = await self._shared.acquire()
-        if self.backend.dsn is not None:
-            from psycopg_pool import AsyncConnectionPool
+        self._turn_log = self._shared.turn_log
+        from voicebot.store import PostgresTurnStore
 
-            self._pool = AsyncConnectionPool(
-                self.backend.dsn, min_size=0, max_size=4, open=False, timeout=5.0
-            )
-            await self._pool.open(wait=False)
+        store = self.backend.runtime.store
+        if isinstance(store, PostgresTurnStore):
+            self.metrics.track_turns_lost(lambda: store.lost_turns)
         watchdog = asyncio.create_task(self._watch_time_limits())
         try:
             yield
@@ -254,16 +255,14 @@ class VoiceService:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
+            self._turn_log = None
             self.backend = None
             await self._shared.release()
 
     @property
-    def pool(self) -> Any:
-        """The async connection pool on the turn log, or None when there is none."""
-        return self._pool
+    def turn_log(self) -> TurnLog | None:
+        """The turn log's reads and live feed (``voicebot.store.TurnLog``), or None without one."""
+        return self._turn_log
 
     @property
     def runtime(self) -> Runtime:
@@ -338,7 +337,7 @@ class VoiceService:
             cid = uuid.UUID(str(conversation_id))
         except ValueError:
             return "not a conversation id"
-        if self._pool is None or self._loop is None:
+        if self._turn_log is None or self._loop is None:
             return "no turn log"
         try:
             found = asyncio.run_coroutine_threadsafe(
@@ -350,13 +349,12 @@ class VoiceService:
 
     async def _stored_conversation(self, cid: uuid.UUID) -> Any:
         from voicebot.server.access import StoredConversation
-        from voicebot.server.routes.api import _read_conversation
 
-        async with self._pool.connection() as conn:
-            found = await _read_conversation(conn, cid, 1)
+        assert self._turn_log is not None  # checked by the caller
+        found = await self._turn_log.conversation(cid, 1)
         if found is None:
             return None
-        return StoredConversation(found["persona"], found["channel"])
+        return StoredConversation(found.persona, found.channel)
 
     async def _watch_time_limits(self) -> None:
         """Say the persona's goodbye to every call over its time limit."""

@@ -54,13 +54,13 @@ async def _readiness(service: VoiceService) -> dict[str, dict[str, Any]]:
         }
     except httpx.HTTPError as e:
         checks["ollama"] = {"ok": False, "detail": f"{host}: {type(e).__name__}"}
-    if service.pool is None:
+    turn_log = service.turn_log
+    if turn_log is None:
         checks["database"] = {"ok": backend is not None, "detail": "no turn log configured"}
     else:
-        try:
-            async with service.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
-            checks["database"] = {"ok": True, "detail": "reachable"}
-        except Exception as e:
-            checks["database"] = {"ok": False, "detail": type(e).__name__}
+        reachable = await turn_log.ping()
+        checks["database"] = {
+            "ok": reachable,
+            "detail": "reachable" if reachable else "unreachable",
+        }
     return checks

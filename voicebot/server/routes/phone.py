@@ -30,6 +30,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+async def caller_salt(service: VoiceService) -> bytes | None:
+    """The caller-hash salt: the ``caller_hash_salt`` setting, else the one shared by every
+    replica through the turn log, else (no turn log) a file in the data dir. None (the caller
+    then goes unhashed, logged) while the turn log cannot be read."""
+    from voicebot.errors import StageError
+    from voicebot.telephony import load_salt
+
+    settings = service.settings
+    configured = settings.caller_hash_salt.get_secret_value() if settings.caller_hash_salt else ""
+    if configured:
+        return configured.encode()
+    turn_log = service.turn_log
+    if turn_log is None:
+        return await asyncio.to_thread(load_salt, None, settings.data_dir / "caller-salt")
+    try:
+        return await turn_log.caller_salt()
+    except StageError as e:
+        logger.warning("caller not hashed: %s", e)
+        return None
+
+
 def build_router(service: VoiceService) -> APIRouter:
     settings = service.settings
     router = APIRouter(prefix=service.path)
@@ -41,7 +62,7 @@ def build_router(service: VoiceService) -> APIRouter:
 
     @router.post("/telephone/incoming", tags=["voicebot"])
     async def incoming(request: Request) -> Response:
-        from voicebot.telephony import caller_hash, load_salt, twiml_busy, twiml_connect
+        from voicebot.telephony import caller_hash, twiml_busy, twiml_connect
 
         form = {k: str(v) for k, v in (await request.form()).items()}
         if not _twilio_ok(service, request.headers.get("x-twilio-signature"), request, form):
@@ -60,12 +81,9 @@ def build_router(service: VoiceService) -> APIRouter:
             return PlainTextResponse("no CallSid in the webhook", status_code=400)
         caller = None
         if form.get("From"):
-            salt = await asyncio.to_thread(
-                load_salt,
-                settings.caller_hash_salt.get_secret_value() if settings.caller_hash_salt else None,
-                settings.data_dir / "caller-salt",
-            )
-            caller = caller_hash(form["From"], salt)
+            salt = await caller_salt(service)
+            if salt is not None:
+                caller = caller_hash(form["From"], salt)
         ticket = tickets.issue(call_sid, persona.name, caller)
         if ticket is None:
             service.metrics.call_rejected("phone", "replayed")
