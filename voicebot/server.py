@@ -400,6 +400,7 @@ class VoiceService:
         hard_limit = (
             None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
         )
+        rtc = settings.rtc_configuration.as_dict() if settings.rtc_configuration else None
         # concurrency_limit and time_limit are always explicit: FastRTC's default means 1 call.
         self.stream = Stream(
             prototype,
@@ -407,6 +408,8 @@ class VoiceService:
             mode="send-receive",
             concurrency_limit=self.limit,
             time_limit=hard_limit,
+            rtc_configuration=rtc,
+            server_rtc_configuration=rtc,
             verbose=False,
         )
         self.ui_stream: Any = None
@@ -981,6 +984,9 @@ def _mount_ui(app: FastAPI, service: VoiceService) -> None:
         settings.persona,
         concurrency_limit=service.limit,
         time_limit=hard_limit,
+        rtc_configuration=settings.rtc_configuration.as_dict()
+        if settings.rtc_configuration
+        else None,
     )
     gr.mount_gradio_app(app, service.ui_stream.ui, path=f"{service.path}/ui")
 
