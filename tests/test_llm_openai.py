@@ -400,3 +400,49 @@ def test_backend_setting_rejects_unknown_values(tmp_path: Path):
 
     with pytest.raises(ValidationError, match="llm_backend"):
         Settings(data_dir=tmp_path, llm_backend="vllm")
+
+
+# -- a whole call on the openai backend ----------------------------------------------------------
+
+PARIS = "Paris is the capital of France."
+
+
+def test_a_call_on_the_openai_backend_answers_and_survives_a_fault(
+    tmp_path: Path, tiny_en_model_dir: Path, joe_voice_path: Path
+) -> None:
+    from tests.support_voice import KeywordScript, Timeline, joe, say
+    from voicebot.app import build_runtime
+    from voicebot.settings import Settings
+    from voicebot.simulate import simulate_call, turn_record
+
+    script = KeywordScript([("france", PARIS)])
+    with OpenAIProtocolServer("gpu-8b", script=script, models=["llama3.2:3b"]) as srv:
+        settings = Settings(
+            data_dir=tmp_path,
+            persona="assistant-en",
+            stt_model=str(tiny_en_model_dir),
+            tts_voice=str(joe_voice_path),
+            llm_backend="openai",
+            openai_base_url=srv.base_url,
+            ollama_host="http://127.0.0.1:9",  # not used: nothing may reach for Ollama
+        )
+        runtime = build_runtime(settings, personas=["assistant-en"], warm_up=False)
+        voice = joe(joe_voice_path)
+        question = say(voice, "What is the capital of France?")
+        call = Timeline(voice.sample_rate).silence(0.3).clip(question).silence(4.0).audio
+        # One call answered; the next meets an error halfway through the reply.
+        started = time.monotonic()
+        (first,) = simulate_call(runtime, call).turns
+        srv.fault = "error_midstream"
+        (second,) = simulate_call(runtime, call).turns
+        print(f"two simulated calls in {time.monotonic() - started:.1f} s")
+        last = srv.chat_requests()[-1].messages
+    assert first.assistant_text == PARIS, turn_record(first)
+    assert first.error is None
+    assert first.llm_model == "llama3.2:3b"
+    apology = runtime.stack("assistant-en").persona.apology
+    assert second.error and "failed mid-reply" in second.error
+    assert second.assistant_text.endswith(apology)
+    # The persona's system prompt went over the OpenAI protocol, then the user's words.
+    assert [m["role"] for m in last] == ["system", "user"]
+    assert "capital of france" in last[1]["content"].lower()
