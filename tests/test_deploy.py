@@ -233,7 +233,7 @@ def test_haproxy_routes_on_readiness_and_keeps_offers_sticky() -> None:
     text = HAPROXY_CFG.read_text(encoding="utf-8")
     assert "http-check send meth GET uri /readyz" in text
     assert re.search(r"stick match var\(txn\.webrtc_id\)", text)
-    assert "force-persist if offer_route ice_candidate" in text
+    assert "force-persist if ice_candidate || call_feed" in text
     assert "retry-on conn-failure empty-response 503" in text
     # HAProxy's own 503 is the same busy answer a replica gives.
     assert '\\"error\\": \\"concurrency_limit_reached\\"' in text
@@ -469,3 +469,128 @@ def test_no_rtc_configuration_keeps_host_candidates_only(tmp_path) -> None:
     service = mount(FastAPI(), "", settings=Settings(data_dir=tmp_path))
     assert service.stream.rtc_configuration is None
     assert service.stream.server_rtc_configuration is None
+
+
+# -- HAProxy's routing rules, against two stand-in replicas ----------------------------------
+
+
+class StandIn:
+    """A stand-in replica: /readyz as told, offers answered 200 (or 503 busy) with its name."""
+
+    def __init__(self, name: str) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.name = name
+        self.ready = True
+        self.busy = False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None: ...
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._send(200 if outer.ready or self.path != "/readyz" else 503, b"{}")
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(503 if outer.busy else 200, b'{"replica": "%s"}' % name.encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_haproxy_rules_keep_candidates_on_a_full_replica_and_retry_busy_offers(
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    from tests.support_voice import free_port
+    from tests.test_haproxy import server_states
+
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed: apt-get install haproxy (.ci/run does)")
+    one, two = StandIn("one"), StandIn("two")
+    lb, stats = free_port(), free_port()
+    env = {
+        **os.environ,
+        "VOICEBOT_LB_BIND": f"127.0.0.1:{lb}",
+        "HAPROXY_STATS_BIND": f"127.0.0.1:{stats}",
+        "VOICEBOT_REPLICA_1": f"127.0.0.1:{one.port}",
+        "VOICEBOT_REPLICA_2": f"127.0.0.1:{two.port}",
+    }
+    haproxy = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(HAPROXY_CFG)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stats_url, lb_url = f"http://127.0.0.1:{stats}", f"http://127.0.0.1:{lb}"
+
+    def states_are(expected: dict[str, str]) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if server_states(stats_url) == expected:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def post(kind: str, webrtc_id: str) -> httpx.Response:
+        body = {"type": kind, "webrtc_id": webrtc_id, "sdp": "v=0", "candidate": {}}
+        return httpx.post(f"{lb_url}/webrtc/offer", json=body, timeout=5)
+
+    try:
+        assert states_are({"replica1": "UP", "replica2": "UP"})
+        first = post("offer", "call-a")
+        holder = first.headers["x-served-by"]
+        full, other = (one, two) if holder == "replica1" else (two, one)
+        other_name = "replica2" if holder == "replica1" else "replica1"
+        # Its lines all taken, the holder leaves rotation...
+        full.ready = False
+        assert states_are({holder: "DOWN", other_name: "UP"})
+        # ... but its call's trickled ICE candidates still reach it,
+        for _ in range(3):
+            reply = post("ice-candidate", "call-a")
+            assert (reply.status_code, reply.headers["x-served-by"]) == (200, holder)
+        # and so does its live call feed,
+        feed = httpx.get(f"{lb_url}/api/calls/call-a/events", timeout=5)
+        assert feed.headers["x-served-by"] == holder
+        # new offers and other requests go to the other replica,
+        for n in range(3):
+            assert post("offer", f"call-{n}").headers["x-served-by"] == other_name
+        # and with none ready, HAProxy itself gives the busy answer.
+        other.ready = False
+        assert states_are({holder: "DOWN", other_name: "DOWN"})
+        busy = post("offer", "call-z")
+        assert busy.status_code == 503
+        assert busy.json()["meta"]["error"] == "concurrency_limit_reached"
+
+        # A replica that says busy before its health check does: the offer is retried on
+        # the other, and the call's candidates follow the replica that accepted it.
+        full.ready = other.ready = True
+        assert states_are({holder: "UP", other_name: "UP"})
+        one.busy = True
+        for n in range(4):
+            accepted = post("offer", f"retry-{n}")
+            assert (accepted.status_code, accepted.json()["replica"]) == (200, "two")
+            assert post("ice-candidate", f"retry-{n}").json()["replica"] == "two"
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        one.close()
+        two.close()
