@@ -17,6 +17,7 @@ from voicebot.settings import Settings
 from voicebot.turns import TurnConfig
 
 if TYPE_CHECKING:
+    from voicebot.llm import ChatModel
     from voicebot.store import PostgresTurnStore, TurnStore
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,6 @@ def build_runtime(
     warm_up: bool = True,
 ) -> Runtime:
     """Load every model the selected personas need, once, and warm them up in parallel."""
-    from voicebot.llm import OllamaChat, make_client
     from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
     from voicebot.tts import VoiceBank
     from voicebot.vad import SileroVad
@@ -69,11 +69,7 @@ def build_runtime(
     vad = SileroVad()
     transcribers: dict[str, WhisperTranscriber] = {}
     voices = VoiceBank(settings.voices_dir, settings.cache_dir)
-    client = make_client(
-        settings.ollama_host,
-        timeout_s=settings.llm_timeout_s,
-        connect_timeout_s=settings.llm_connect_timeout_s,
-    )
+    chats = ChatFactory(settings)
     stacks: dict[str, PersonaStack] = {}
     for name, persona in selected.items():
         model = settings.stt_model or default_model_name(device, persona.language)
@@ -90,12 +86,7 @@ def build_runtime(
         stacks[name] = PersonaStack(
             persona=persona,
             transcriber=transcribers[model],
-            chat=OllamaChat(
-                client,
-                persona.llm_model,
-                options=persona.sampling.as_options(),
-                keep_alive=settings.llm_keep_alive,
-            ),
+            chat=chats.chat_for(persona),
             synthesizer=voices.get(persona.tts, voice),
         )
     if warm_up:
@@ -113,6 +104,49 @@ def build_runtime(
         default_persona=settings.persona,
         store=store,
     )
+
+
+class ChatFactory:
+    """The chat model of each persona, on the backend it names (or the setting's), with one
+    client per backend."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ollama: Any = None
+        self._openai: Any = None
+
+    def backend_of(self, persona: Persona) -> str:
+        return persona.llm_backend or self.settings.llm_backend
+
+    def chat_for(self, persona: Persona) -> ChatModel:
+        settings = self.settings
+        if self.backend_of(persona) == "openai":
+            from voicebot.llm_openai import OpenAIChat, make_openai_client, openai_options
+
+            if self._openai is None:
+                key = settings.openai_api_key
+                self._openai = make_openai_client(
+                    settings.openai_base_url,
+                    api_key=key.get_secret_value() if key else None,
+                    timeout_s=settings.llm_timeout_s,
+                    connect_timeout_s=settings.llm_connect_timeout_s,
+                )
+            options = openai_options(persona.sampling.as_options())
+            return OpenAIChat(self._openai, persona.llm_model, options=options)
+        from voicebot.llm import OllamaChat, make_client
+
+        if self._ollama is None:
+            self._ollama = make_client(
+                settings.ollama_host,
+                timeout_s=settings.llm_timeout_s,
+                connect_timeout_s=settings.llm_connect_timeout_s,
+            )
+        return OllamaChat(
+            self._ollama,
+            persona.llm_model,
+            options=persona.sampling.as_options(),
+            keep_alive=settings.llm_keep_alive,
+        )
 
 
 def _warm_up(stacks: Iterable[PersonaStack]) -> None:
@@ -171,6 +205,9 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
         runtime.default_persona,
         concurrency_limit=settings.concurrency_limit,
         time_limit=settings.time_limit_s,
+        rtc_configuration=settings.rtc_configuration.as_dict()
+        if settings.rtc_configuration
+        else None,
     )
 
 

@@ -35,6 +35,8 @@ class Persona(BaseModel):
     display_name: str
     language: Literal["en", "ja"]
     llm_model: str
+    llm_backend: Literal["ollama", "openai"] | None = None
+    """Protocol of the server that runs ``llm_model``; unset = VOICEBOT_LLM_BACKEND."""
     tts: Literal["piper", "kokoro-ja"] = "piper"
     tts_voice: str
     greeting: str

@@ -6,9 +6,9 @@ This is the only module that reads the environment; everything else receives pla
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,37 @@ def _default_data_dir() -> Path:
 def _default_personas_dir() -> Path:
     # A source checkout keeps personas/ beside the package; an install can point elsewhere.
     return Path(__file__).resolve().parent.parent / "personas"
+
+
+class IceServer(BaseModel):
+    """One entry of ``RTCConfiguration.iceServers`` (a STUN or TURN server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    urls: str | list[str] = Field(min_length=1)
+    """``stun:host:port``, ``turn:host:port?transport=udp``, ``turns:host:5349``."""
+    username: str | None = None
+    credential: str | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _known_schemes(cls, value: str | list[str]) -> str | list[str]:
+        for url in [value] if isinstance(value, str) else value:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ValueError(f"ICE server URL {url!r} must start with stun:, turn: or turns:")
+        return value
+
+
+class RtcConfiguration(BaseModel):
+    """The WebRTC ``RTCConfiguration`` the page and the server use (only ICE servers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iceServers: list[IceServer]  # the WebRTC name, as browsers take it
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object ``RTCPeerConnection`` (browser and aiortc via FastRTC) takes."""
+        return self.model_dump(exclude_none=True)
 
 
 class Settings(BaseSettings):
@@ -65,6 +96,15 @@ class Settings(BaseSettings):
     """Longest wait to connect to Ollama [VOICEBOT_LLM_CONNECT_TIMEOUT_S]."""
     llm_keep_alive: str = "30m"
     """How long Ollama keeps the model loaded after a request [VOICEBOT_LLM_KEEP_ALIVE]."""
+    llm_backend: Literal["ollama", "openai"] = "ollama"
+    """Protocol of the LLM server for personas that do not name one: ``ollama``, or ``openai``
+    for an OpenAI-compatible server (vLLM, llama-server, LM Studio, LiteLLM)
+    [VOICEBOT_LLM_BACKEND]."""
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    """API root of the OpenAI-compatible server (or the router in front of several)
+    [VOICEBOT_OPENAI_BASE_URL]."""
+    openai_api_key: SecretStr | None = None
+    """API key sent to the OpenAI-compatible server, if it wants one [VOICEBOT_OPENAI_API_KEY]."""
 
     # --- turn-taking (milliseconds)
     vad_threshold: float = 0.5
@@ -109,6 +149,11 @@ class Settings(BaseSettings):
     [VOICEBOT_CORS_ORIGINS]."""
     max_body_bytes: int = 65536
     """Largest request body accepted on the offer and API routes [VOICEBOT_MAX_BODY_BYTES]."""
+    rtc_configuration: RtcConfiguration | None = None
+    """ICE servers for WebRTC callers behind NAT, as JSON, e.g. {"iceServers": [{"urls":
+    "turn:turn.example.com:3478", "username": "u", "credential": "p"}]}; the page's browser
+    and the server's side of every call both use them; unset = host candidates only
+    [VOICEBOT_RTC_CONFIGURATION]."""
     public_url: str | None = None
     """The server's public base URL as Twilio sees it (https://...), used to build the Media
     Stream URL and to check Twilio signatures behind a proxy [VOICEBOT_PUBLIC_URL]."""

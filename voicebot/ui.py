@@ -167,9 +167,11 @@ def build_call_stream(
     *,
     concurrency_limit: int,
     time_limit: float | None,
+    rtc_configuration: dict[str, Any] | None = None,
 ) -> Any:
     """The FastRTC stream behind the page: persona picker, optional conversation to continue,
-    audio, the live transcript and each turn's latencies."""
+    audio, the live transcript and each turn's latencies. ``rtc_configuration`` (ICE
+    servers) goes to the browser and to the server's side of each call."""
     from fastrtc import Stream
 
     return Stream(
@@ -178,6 +180,8 @@ def build_call_stream(
         mode="send-receive",
         concurrency_limit=concurrency_limit,
         time_limit=time_limit,
+        rtc_configuration=rtc_configuration,
+        server_rtc_configuration=rtc_configuration,
         additional_inputs=[
             gr.Dropdown(choices=personas, value=default_persona, label="Persona"),
             gr.Textbox(

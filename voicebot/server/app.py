@@ -100,6 +100,9 @@ def _mount_ui(app: FastAPI, service: VoiceService) -> None:
         settings.persona,
         concurrency_limit=service.limit,
         time_limit=hard_limit,
+        rtc_configuration=settings.rtc_configuration.as_dict()
+        if settings.rtc_configuration
+        else None,
     )
     gr.mount_gradio_app(app, service.ui_stream.ui, path=f"{service.path}/ui")
 

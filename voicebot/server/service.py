@@ -213,12 +213,15 @@ class VoiceService:
             None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
         )
         # concurrency_limit and time_limit are always explicit: FastRTC's default means 1 call.
+        rtc = settings.rtc_configuration.as_dict() if settings.rtc_configuration else None
         self.stream = Stream(
             prototype,
             modality="audio",
             mode="send-receive",
             concurrency_limit=self.limit,
             time_limit=hard_limit,
+            rtc_configuration=rtc,
+            server_rtc_configuration=rtc,
             verbose=False,
         )
         self.ui_stream: Any = None

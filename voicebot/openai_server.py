@@ -1,0 +1,632 @@
+"""A scripted server that speaks the OpenAI chat-completions protocol, for tests.
+
+It answers what vLLM, llama.cpp's ``llama-server``, LM Studio and a LiteLLM proxy answer:
+``GET /v1/models`` and ``POST /v1/chat/completions`` (streamed as server-sent events,
+``data: {chunk}`` … ``data: [DONE]``, or one JSON body), paced by an
+:class:`~voicebot.ollama_server.LlmProfile`. Replies come from a script: text, or tool
+calls that are streamed the way OpenAI streams them (an ``id`` and ``name`` first, then the
+JSON ``arguments`` in pieces, then ``finish_reason: "tool_calls"``). Faults switch at
+runtime through ``server.fault``, with the same names as the Ollama-protocol server:
+
+``ok``                   normal replies
+``down``                 the listener is closed (connection refused); switching back rebinds
+``http_500``             ``/v1/chat/completions`` answers HTTP 500 with an OpenAI-style error
+``slow``                 a late first token: ``ttft * slow_factor``, at least ``slow_min_s``
+``error_midstream``      a few chunks, then ``data: {"error": ...}``, as vLLM does on failure
+``hang``                 the chat route sends nothing at all until the client goes away
+``disconnect_midstream`` a few chunks, then the connection is closed without ``[DONE]``
+
+Built on ``http.server.ThreadingHTTPServer`` like :mod:`voicebot.ollama_server`, so each
+stream can watch its own socket and record a client that goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import logging
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from voicebot.ollama_server import FAULTS, PROFILES, Fault, LlmProfile, Script, tokenize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScriptedToolCall:
+    """A tool call the scripted model makes: a tool name and its arguments.
+
+    ``arguments`` is sent as JSON text unless ``raw_arguments`` is given, which is sent as
+    is (to script a model that writes broken JSON).
+    """
+
+    name: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    raw_arguments: str | None = None
+
+    def arguments_text(self) -> str:
+        if self.raw_arguments is not None:
+            return self.raw_arguments
+        return json.dumps(dict(self.arguments), ensure_ascii=False)
+
+
+Reply = str | Sequence[ScriptedToolCall]
+"""What the scripted model answers: text, or the tool calls it makes."""
+
+
+class ReplyScript(Protocol):
+    """Reply policy: given the request's messages, the reply."""
+
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> Reply: ...
+
+
+class ToolScript:
+    """Calls ``calls`` when the last message is the user's; after the tools answered (the
+    last message is a ``tool`` message), replies ``answer`` with each ``{tool_name}``
+    replaced by that tool's result."""
+
+    def __init__(self, calls: Sequence[ScriptedToolCall], answer: str) -> None:
+        self.calls = tuple(calls)
+        self.answer = answer
+
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> Reply:
+        if not messages or messages[-1].get("role") != "tool":
+            return self.calls
+        results: dict[str, str] = {}
+        ids = {
+            str(call.get("id")): str((call.get("function") or {}).get("name"))
+            for m in messages
+            if m.get("role") == "assistant"
+            for call in m.get("tool_calls") or ()
+        }
+        for m in messages:
+            if m.get("role") == "tool":
+                results[ids.get(str(m.get("tool_call_id")), "?")] = str(m.get("content"))
+        text = self.answer
+        for name, result in results.items():
+            text = text.replace("{" + name + "}", result)
+        return text
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received and, for chats, what it sent back."""
+
+    method: str
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    stream: bool = False
+    reply: str = ""
+    tool_calls: list[ScriptedToolCall] = field(default_factory=list)
+    chunks_sent: int = 0
+    client_disconnected: bool = False
+    finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+
+class _Disconnected(Exception):
+    """The client went away (or the server is stopping) while we were streaming."""
+
+
+class OpenAIProtocolServer:
+    """An OpenAI-compatible chat server on loopback, scripted and paced by a profile.
+
+    ``models=None`` accepts any model name; a collection restricts the served models so
+    others get a 404 like vLLM's. With ``api_key`` set, requests without
+    ``Authorization: Bearer <api_key>`` get a 401. ``requests`` lists the requests received.
+    """
+
+    def __init__(
+        self,
+        profile: LlmProfile | str = "instant",
+        *,
+        script: ReplyScript | None = None,
+        models: Iterable[str] | None = None,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fault: Fault = "ok",
+        slow_factor: float = 10.0,
+        slow_min_s: float = 2.0,
+        fault_after_chunks: int = 3,
+        max_recorded: int = 10_000,
+    ) -> None:
+        if isinstance(profile, str):
+            if profile not in PROFILES:
+                raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+            profile = PROFILES[profile]
+        self.profile = profile
+        self.script: ReplyScript = script or Script()
+        self.models: set[str] | None = None if models is None else set(models)
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self.slow_factor = slow_factor
+        self.slow_min_s = slow_min_s
+        self.fault_after_chunks = fault_after_chunks
+        self.max_recorded = max_recorded
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.RLock()
+        self._fault: Fault = "ok"
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._running = False
+        self._stopping = threading.Event()
+        self.fault = fault
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The ``base_url`` to give an OpenAI client: ``http://host:port/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> str:
+        """Bind and serve in a background thread; returns ``base_url``."""
+        with self._lock:
+            if self._running:
+                return self.base_url
+            self._running = True
+            self._stopping.clear()
+            if self._fault != "down":
+                self._listen()
+        logger.info("OpenAI-protocol server on %s (profile %s)", self.base_url, self.profile.name)
+        return self.base_url
+
+    def stop(self) -> None:
+        """Stop listening, drop open connections and end running streams."""
+        with self._lock:
+            self._running = False
+            self._stopping.set()
+            self._unlisten()
+
+    def __enter__(self) -> OpenAIProtocolServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def fault(self) -> Fault:
+        """The current fault mode; settable at any time from any thread."""
+        with self._lock:
+            return self._fault
+
+    @fault.setter
+    def fault(self, value: Fault) -> None:
+        if value not in FAULTS:
+            raise ValueError(f"unknown fault {value!r}; expected one of {', '.join(FAULTS)}")
+        with self._lock:
+            previous, self._fault = self._fault, value
+            if not self._running or previous == value:
+                return
+            if value == "down":
+                self._unlisten()
+            elif previous == "down":
+                self._listen()
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        """The recorded ``/v1/chat/completions`` requests, in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r.path == "/v1/chat/completions"]
+
+    def _listen(self) -> None:
+        httpd = _HTTPServer((self.host, self.port), _Handler, self)
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"openai-server-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _unlisten(self) -> None:
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=2)
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._connections.clear()
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    def _record(self, rec: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(rec)
+            if len(self.requests) > self.max_recorded:
+                del self.requests[: len(self.requests) - self.max_recorded]
+
+    def _served(self) -> list[str]:
+        with self._lock:
+            if self.models is not None:
+                return sorted(self.models)
+            return sorted({r.model for r in self.requests if r.model} or {"scripted"})
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[http.server.BaseHTTPRequestHandler],
+        owner: OpenAIProtocolServer,
+    ) -> None:
+        self.owner = owner
+        super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            logger.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            logger.exception("error while serving %s", client_address)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "openai-protocol-server"
+    disable_nagle_algorithm = True
+    server: _HTTPServer
+
+    @property
+    def owner(self) -> OpenAIProtocolServer:
+        return self.server.owner
+
+    def setup(self) -> None:
+        super().setup()
+        self.owner._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        self.owner._track(self.connection, add=False)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_json()
+        except ValueError as e:
+            self._send_error(400, f"invalid JSON body: {e}", "invalid_request_error")
+            return
+        model = body.get("model")
+        rec = RecordedRequest(
+            method,
+            path,
+            body,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            model=str(model) if model else None,
+        )
+        self.owner._record(rec)
+        try:
+            if self.owner.api_key is not None and rec.headers.get("authorization") != (
+                f"Bearer {self.owner.api_key}"
+            ):
+                self._send_error(401, "Incorrect API key provided.", "invalid_api_key")
+                return
+            route = {
+                ("GET", "/v1/models"): self._models,
+                ("POST", "/v1/chat/completions"): self._chat,
+            }.get((method, path))
+            if route is None:
+                self._send_error(404, f"no route {method} {path}", "not_found")
+            else:
+                route(rec)
+        except _Disconnected:
+            rec.client_disconnected = not self.owner._stopping.is_set()
+            self.close_connection = True
+            logger.debug("client left during %s after %d chunks", path, rec.chunks_sent)
+        finally:
+            rec.finished.set()
+
+    def _read_json(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return {}
+        data = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        return data
+
+    def _models(self, rec: RecordedRequest) -> None:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "voicebot-tests"}
+            for name in self.owner._served()
+        ]
+        self._send_json(200, {"object": "list", "data": data})
+
+    # -- chat ------------------------------------------------------------------------------
+
+    def _chat(self, rec: RecordedRequest) -> None:
+        owner = self.owner
+        body = rec.body
+        name = rec.model or ""
+        rec.messages = [dict(m) for m in body.get("messages") or [] if isinstance(m, Mapping)]
+        rec.tools = [dict(t) for t in body.get("tools") or [] if isinstance(t, Mapping)]
+        rec.stream = body.get("stream") is True
+        fault = owner.fault
+        started = time.monotonic()
+
+        if not name or not rec.messages:
+            self._send_error(400, "model and messages are required", "invalid_request_error")
+            return
+        if owner.models is not None and name not in owner.models:
+            self._send_error(404, f"The model `{name}` does not exist.", "NotFoundError")
+            return
+        if fault == "http_500":
+            self._send_error(500, "EngineCore encountered an issue.", "InternalServerError")
+            return
+        if fault == "hang":
+            self._wait(float("inf"))
+            return
+
+        reply = owner.script.reply(rec.messages)
+        calls = [] if isinstance(reply, str) else list(reply)
+        tokens = tokenize(reply) if isinstance(reply, str) else []
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        finish = "tool_calls" if calls else "stop"
+        if not calls and isinstance(limit, int) and 0 < limit < len(tokens):
+            tokens, finish = tokens[:limit], "length"
+        rec.reply = "".join(tokens)
+        rec.tool_calls = calls
+        # Each call streams as a header chunk, then its arguments in pieces.
+        pieces: list[dict[str, Any]] = [{"role": "assistant", "content": t} for t in tokens]
+        for index, call in enumerate(calls):
+            pieces.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": f"call_{uuid.uuid4().hex[:12]}",
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            text = call.arguments_text()
+            pieces += [
+                {"tool_calls": [{"index": index, "function": {"arguments": text[i : i + 8]}}]}
+                for i in range(0, len(text), 8)
+            ]
+
+        profile = owner.profile
+        ttft = profile.ttft_s
+        if fault == "slow":
+            ttft = max(ttft * owner.slow_factor, owner.slow_min_s)
+        interval = 1.0 / profile.tokens_per_s if profile.tokens_per_s > 0 else 0.0
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        usage = {
+            "prompt_tokens": sum(len(tokenize(str(m.get("content") or ""))) for m in rec.messages),
+            "completion_tokens": len(pieces),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+
+        if not rec.stream:
+            self._wait(ttft + interval * max(len(pieces) - 1, 0))
+            message: dict[str, Any] = {"role": "assistant", "content": rec.reply or None}
+            if calls:
+                message["tool_calls"] = _merged_calls(pieces)
+            rec.chunks_sent = len(pieces)
+            self._send_json(
+                200,
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage,
+                },
+            )
+            return
+
+        def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            }
+
+        self._start_stream()
+        first_at = started + ttft
+        for i, delta in enumerate(pieces):
+            if fault in ("error_midstream", "disconnect_midstream") and (
+                i == owner.fault_after_chunks
+            ):
+                break
+            self._wait(first_at + i * interval - time.monotonic())
+            self._send_event(chunk(delta))
+            rec.chunks_sent += 1
+        else:
+            self._send_event(chunk({}, finish))
+            options = body.get("stream_options") or {}
+            if isinstance(options, Mapping) and options.get("include_usage"):
+                self._send_event({**chunk({}), "choices": [], "usage": usage})
+            self._send_data(b"[DONE]")
+            self._end_stream()
+            return
+        if fault == "error_midstream":
+            self._send_event(
+                {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}
+            )
+            self._end_stream()
+        else:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError as e:
+                raise _Disconnected from e
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    def _client_gone(self, timeout: float) -> bool:
+        if self.owner._stopping.is_set():
+            return True
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(max(timeout, 0.0) * 1000):
+            return False
+        try:
+            data = self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+        if data:
+            time.sleep(max(timeout, 0.0))
+            return False
+        return True
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if self._client_gone(min(max(left, 0.0), 0.05)):
+                raise _Disconnected
+            if left <= 0:
+                return
+
+    def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _send_error(self, status: int, message: str, kind: str) -> None:
+        self._send_json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+    def _start_stream(self) -> None:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _send_event(self, obj: Mapping[str, Any]) -> None:
+        self._send_data(json.dumps(obj, ensure_ascii=False).encode())
+
+    def _send_data(self, payload: bytes) -> None:
+        if self._client_gone(0):
+            raise _Disconnected
+        data = b"data: " + payload + b"\n\n"
+        try:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        except OSError as e:
+            raise _Disconnected from e
+
+    def _end_stream(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as e:
+            raise _Disconnected from e
+
+
+def _merged_calls(pieces: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The streamed tool-call pieces as the complete calls of a non-streamed reply."""
+    calls: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        for part in piece.get("tool_calls") or ():
+            call = calls.setdefault(
+                part["index"], {"type": "function", "function": {"arguments": ""}}
+            )
+            if "id" in part:
+                call["id"] = part["id"]
+            function = part.get("function") or {}
+            if "name" in function:
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+def serve(
+    profile: LlmProfile | str = "gpu-8b",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replies: Sequence[str] = (),
+) -> None:
+    """Run the server in the foreground until interrupted."""
+    server = OpenAIProtocolServer(profile, script=Script(replies), host=host, port=port)
+    url = server.start()
+    logger.info("serving the OpenAI chat API at %s; Ctrl-C stops", url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m voicebot.openai_server --profile gpu-8b --port 8000``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu-8b")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(str(args.profile), args.host, args.port)
+
+
+__all__ = [
+    "OpenAIProtocolServer",
+    "RecordedRequest",
+    "Reply",
+    "ReplyScript",
+    "ScriptedToolCall",
+    "ToolScript",
+    "main",
+    "serve",
+]
+
+if __name__ == "__main__":
+    main()
