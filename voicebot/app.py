@@ -163,6 +163,7 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
         runtime.default_persona,
         concurrency_limit=settings.concurrency_limit,
         time_limit=settings.time_limit_s,
+        languages={name: stack.persona.language for name, stack in runtime.stacks.items()},
     )
 
 
@@ -176,10 +177,16 @@ def build_page(stream: Any, runtime: Runtime) -> Any:
     if store is None or not hasattr(store, "conversations"):
         return stream.ui
     log: ConversationLog = store  # type: ignore[assignment]
-    conversation_box = stream.additional_input_components[1]
-    with gr.Blocks(title="voicebot", analytics_enabled=False) as page:
+    persona_box, conversation_box = stream.additional_input_components[:2]
+    with gr.Blocks(title="voicebot", analytics_enabled=False, css=stream.ui.css) as page:
         stream.ui.render()
-        add_conversation_log(log, conversation_box)
+        add_conversation_log(
+            log,
+            conversation_box,
+            persona_box=persona_box,
+            transcript=stream.additional_output_components[0],
+            personas=list(runtime.stacks),
+        )
     return page
 
 
