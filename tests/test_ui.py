@@ -18,6 +18,7 @@ from voicebot.handler import TurnUpdate
 from voicebot.settings import Settings
 from voicebot.store import PostgresTurnStore
 from voicebot.ui import (
+    PAGE_CSS,
     LiveTranscript,
     conversation_rows,
     latency_html,
@@ -100,6 +101,11 @@ def test_latency_chart_stacks_the_parts_on_one_scale_and_the_table_has_every_fig
     cells = re.findall(r"<td>([^<]*)</td>", page)
     assert cells[:7] == ["1", "300", "200", "150", "90", "800", "–"]
     assert "white-space" not in page  # the stylesheet keeps headers on one line
+
+
+def test_the_stylesheet_has_no_comments() -> None:
+    # Gradio's page glues a comment to the next rule's selector, which then matches nothing.
+    assert "/*" not in PAGE_CSS.read_text(encoding="utf-8")
 
 
 def test_interrupted_and_failed_turns_are_marked() -> None:

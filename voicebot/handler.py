@@ -764,7 +764,10 @@ class VoiceHandler(StreamHandler):
             played = reply.played_text()
             if reply.caption is not None:
                 self._outputs.append(
-                    TurnUpdate(replace(reply.caption, assistant_text=played), final=True)
+                    TurnUpdate(
+                        replace(reply.caption, assistant_text=played, interrupted=interrupted),
+                        final=True,
+                    )
                 )
             self._status("listening")
         turn = reply.turn

@@ -56,6 +56,17 @@ STATUS_WORDS: dict[str, dict[str, str]] = {
 LATENCY_PARTS = (("endpoint", "endpoint"), ("stt", "STT"), ("llm", "LLM"), ("tts", "TTS"))
 """The stacked bar's segments, in the order they happen: CSS class and legend label."""
 
+LATENCY_COLUMNS = (
+    ("turn", "turn number"),
+    ("endpoint", "end of speech to the turn closed"),
+    ("STT", "speech to text"),
+    ("LLM", "LLM first token"),
+    ("TTS", "text to speech, first audio"),
+    ("v2v", "voice to voice: end of speech to the first reply audio"),
+    ("barge-in", "barge-in: start of the interruption to the agent silent"),
+)
+"""The table's short headers (it sits in a third of a 1280 px page) and what each means."""
+
 _LANG_ATTR = re.compile(r'data-lang="([a-z]{2})"')
 
 
@@ -180,8 +191,11 @@ def latency_html(turns: list[Turn]) -> str:
             f'<div class="vb-track">{segments}</div><span class="vb-total">{total}</span></div>'
         )
     header = (
-        "<tr><th>turn</th><th>endpoint</th><th>STT</th><th>LLM 1st token</th>"
-        "<th>TTS 1st audio</th><th>voice-to-voice</th><th>barge-in stop</th></tr>"
+        "<tr>"
+        + "".join(
+            f'<th title="{html.escape(title)}">{label}</th>' for label, title in LATENCY_COLUMNS
+        )
+        + "</tr>"
     )
     body = "".join(
         "<tr>"
@@ -203,7 +217,7 @@ def latency_html(turns: list[Turn]) -> str:
     return (
         '<div class="vb-latency"><div class="vb-legend">'
         + legend
-        + '<span class="vb-unit">(ms, voice-to-voice on the right)</span></div>'
+        + '<span class="vb-unit">all in ms; voice to voice on the right</span></div>'
         + "".join(rows)
         + f'<div class="vb-table-wrap"><table class="vb-table"><thead>{header}</thead>'
         + f"<tbody>{body}</tbody></table></div></div>"
