@@ -34,14 +34,14 @@ from voicebot.settings import Settings  # noqa: E402
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTIONS = (
     ("france", "What is the capital of France?", "Paris is the capital of France."),
-    ("tower", "And how tall is the Eiffel Tower?", "It is about three hundred metres tall."),
+    ("japan", "And what is the capital of Japan?", "Tokyo is the capital of Japan."),
 )
 WIDTH, HEIGHT = 1280, 900
 
 
 def _microphone(voice_path: Path, target: Path) -> Path:
     voice = joe(voice_path)
-    timeline = Timeline(voice.sample_rate).silence(4.5)
+    timeline = Timeline(voice.sample_rate).silence(8.0)  # the greeting, heard to the end
     for _, question, _ in QUESTIONS:
         # Long enough for the answer to start even on a busy CPU: two turns, not one.
         timeline = timeline.clip(say(voice, question)).silence(12.0)

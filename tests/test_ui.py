@@ -56,7 +56,10 @@ def test_captions_grow_one_assistant_bubble_and_the_final_text_replaces_them() -
     ]
     heard = replace(turn, assistant_text="First. Sec…", interrupted=True)
     chat = on_turn_update(chat, TurnUpdate(heard, final=True))
-    assert [m["content"] for m in chat] == ["question 1", "First. Sec… ⏹"]
+    assert [m["content"] for m in chat] == ["question 1", "First. Sec… — (interrupted)"]
+    assert on_turn_update(None, TurnUpdate(heard, final=True), "ja")[1]["content"].endswith(
+        "…（中断）"
+    )
 
 
 def test_the_greeting_is_the_first_bubble_without_a_user_bubble() -> None:
@@ -103,15 +106,29 @@ def test_latency_chart_stacks_the_parts_on_one_scale_and_the_table_has_every_fig
     assert "white-space" not in page  # the stylesheet keeps headers on one line
 
 
-def test_the_stylesheet_has_no_comments() -> None:
-    # Gradio's page glues a comment to the next rule's selector, which then matches nothing.
-    assert "/*" not in PAGE_CSS.read_text(encoding="utf-8")
+def test_picking_a_japanese_persona_puts_the_status_line_in_japanese() -> None:
+    from voicebot.handler import VoiceHandler
+    from voicebot.ui import build_call_stream
+
+    runtime = fakes.runtime()
+    stream = build_call_stream(
+        VoiceHandler(runtime, persona_from_ui=True),
+        [("Test", "test-en"), ("日本語", "test-ja")],
+        "test-en",
+        concurrency_limit=2,
+        time_limit=None,
+        languages={"test-en": "en", "test-ja": "ja"},
+    )
+    picked = next(d.fn for d in stream.ui.fns.values() if d.name == "persona_picked")
+    assert status_language(picked("test-ja")) == "ja" and "話しかけて" in picked("test-ja")
+    assert "speak" in picked("test-en")
 
 
 def test_interrupted_and_failed_turns_are_marked() -> None:
     turn = _turn(2, interrupted=True, error="llm: Ollama unreachable")
     messages = transcript_messages([turn])
-    assert "⏹" in messages[1]["content"] and "Ollama unreachable" in messages[1]["content"]
+    assert "(interrupted)" in messages[1]["content"]
+    assert "Ollama unreachable" in messages[1]["content"]
 
 
 def _free_port() -> int:
@@ -145,7 +162,8 @@ def test_page_lists_recent_conversations_from_the_turn_log(pg_dsn: str, tmp_path
             assert {"Persona", "Transcript", "Stored transcript"} <= labels
             texts = str(config)
             assert "Conversation log" in texts and "Continue this conversation" in texts
-            assert "vb-status" in config["css"]  # the page's stylesheet is served
+            # The page's stylesheet is served, first: FastRTC's ends with a stray ";".
+            assert config["css"].startswith(PAGE_CSS.read_text(encoding="utf-8"))
         finally:
             page.close()
     finally:

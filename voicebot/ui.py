@@ -103,11 +103,14 @@ def status_language(value: str | None) -> str:
 # --- the transcript ----------------------------------------------------------------------------
 
 
-def _assistant_text(turn: Turn) -> str:
+CUT_MARK = {"en": " — (interrupted)", "ja": "（中断）"}
+"""After an interrupted reply, whose text already ends with "…" where the user cut in."""
+
+
+def _assistant_text(turn: Turn, language: str = "en") -> str:
     text = turn.assistant_text or ""
     if turn.interrupted:
-        # The text already ends with "…" where the user cut in; the mark says why it stops.
-        text += " ⏹"
+        text += CUT_MARK.get(language, CUT_MARK["en"])
     if turn.error:
         text += f"\n\n⚠️ {turn.error}"
     return text
@@ -117,7 +120,9 @@ def _find(messages: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     return next((m for m in messages if (m.get("metadata") or {}).get("id") == key), None)
 
 
-def on_turn_update(chat: list[dict[str, Any]] | None, update: TurnUpdate) -> list[dict[str, Any]]:
+def on_turn_update(
+    chat: list[dict[str, Any]] | None, update: TurnUpdate, language: str = "en"
+) -> list[dict[str, Any]]:
     """The transcript with one turn's bubbles added or brought up to date.
 
     A turn's assistant bubble grows with each caption update (the chunks that have started
@@ -129,7 +134,7 @@ def on_turn_update(chat: list[dict[str, Any]] | None, update: TurnUpdate) -> lis
     key = str(turn.turn_id)
     if turn.user_text and _find(messages, f"u-{key}") is None:
         messages.append({"role": "user", "content": turn.user_text, "metadata": {"id": f"u-{key}"}})
-    text = _assistant_text(turn) if update.final else turn.assistant_text
+    text = _assistant_text(turn, language) if update.final else turn.assistant_text
     if not text:
         return messages  # e.g. the update that only carries the voice-to-voice time
     bubble = _find(messages, f"a-{key}")
@@ -261,7 +266,7 @@ class LiveTranscript:
         key = update.turn.conversation_id
         with self._lock:
             view = self._calls.get(key) or _CallView(list(chat or []))
-            view.messages = on_turn_update(view.messages, update)
+            view.messages = on_turn_update(view.messages, update, status_language(status))
             if update.final and update.turn.sequence > 0:
                 view.timed.append(update.turn)
             self._calls[key] = view
@@ -419,5 +424,6 @@ def build_call_stream(
     # Re-entering the stream's Blocks adds the event to the page FastRTC built.
     with stream.ui:
         persona_box.change(persona_picked, inputs=persona_box, outputs=status_box)
-    stream.ui.css = (stream.ui.css or "") + "\n" + PAGE_CSS.read_text(encoding="utf-8")
+    # Ours first: FastRTC's stylesheet ends with a stray ";" that would void the next rule.
+    stream.ui.css = PAGE_CSS.read_text(encoding="utf-8") + "\n" + (stream.ui.css or "")
     return stream
