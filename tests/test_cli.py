@@ -221,3 +221,29 @@ def test_ui_start_up_reads_in_a_few_lines_serves_its_page_and_stops_cleanly(
     # The embedded database was started under the data dir, and stopped again.
     assert (data_dir / "postgres" / "PG_VERSION").exists()
     assert not (data_dir / "postgres" / "postmaster.pid").exists(), "\n".join(output)[-3000:]
+
+
+def test_every_command_that_loads_models_takes_the_one_option_block() -> None:
+    from typer.testing import CliRunner
+
+    from voicebot.cli import app
+
+    runner = CliRunner()
+    wide = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"}
+    shared = ("--persona", "--stt-model", "--tts-voice", "--ollama-host", "--device", "--verbose")
+    for command in ("ui", "serve", "simulate", "doctor", "phone"):
+        shown = runner.invoke(app, [command, "--help"], env=wide).output
+        assert all(flag in shown for flag in shared), (command, shown)
+    bench = runner.invoke(app, ["bench", "--help"], env=wide).output
+    assert "--ollama-host" in bench and "--stt-model-ja" in bench and "--persona" not in bench
+
+
+def test_a_command_error_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from voicebot.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "missing.wav"), "--no-store"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "missing.wav" in result.stderr

@@ -94,8 +94,8 @@ def models(*, without: tuple[str, ...] = ()) -> Callable[[Command], Command]:
         @functools.wraps(command)
         def run(*args: Any, **kwargs: Any) -> Any:
             options = ModelOptions(**{f.name: kwargs.pop(f.name) for f in shared})
-            if options.verbose:
-                setup_logging("debug", verbose=True)
+            if options.verbose:  # at the level the app's callback set
+                setup_logging(logging.getLevelName(logging.getLogger().level), verbose=True)
             return command(*args, options=options, **kwargs)
 
         run.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]

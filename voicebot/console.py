@@ -78,7 +78,7 @@ def setup_logging(
 ) -> None:
     """Configure the console once per process (calling it again reconfigures it).
 
-    ``verbose``: every logger at ``level`` or DEBUG, start-up detail included, nothing held.
+    ``verbose``: every logger at ``level``, libraries and start-up detail included.
     """
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
@@ -87,9 +87,7 @@ def setup_logging(
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(_ConsoleFormatter())
     wanted = getattr(logging, level.upper(), logging.INFO)
-    if verbose:
-        wanted = min(wanted, logging.DEBUG)
-    else:
+    if not verbose:
         handler.addFilter(_StartupFilter())
     root.addHandler(handler)
     root.setLevel(wanted)
