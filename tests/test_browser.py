@@ -1,11 +1,15 @@
-"""The Gradio page in headless Chromium: pick a persona, start the stream, talk, read the
-transcript and the latency table. Chromium's fake microphone plays a WAV file in a loop.
+"""The Gradio page in headless Chromium: pick a persona, start the stream, hear the greeting,
+talk, watch the status line, read the transcript and the latency chart, then open a past
+conversation from the log. Chromium's fake microphone plays a WAV file in a loop.
 
-Real models (tiny.en, piper joe) and the LLM through the Ollama-protocol server.
+Real models (tiny.en, piper joe), the LLM through the Ollama-protocol server, and the turn log
+in the real embedded PostgreSQL.
 """
 
 from __future__ import annotations
 
+import tomllib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +18,17 @@ import pytest
 import soundfile
 
 from tests.support_voice import KeywordScript, Timeline, free_port, joe, say
-from voicebot.app import build_runtime, build_stream
+from voicebot.app import build_page, build_runtime, build_stream
+from voicebot.conversation import Conversation, Timings, Turn
 from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.settings import Settings
+from voicebot.store import PostgresTurnStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 ANSWER = "Paris is the capital of France."
 HELPER_MODEL = "helper-model:1b"
+PAST_QUESTION = "Which wine goes with trout?"
+PAST_ANSWER = "A dry white, such as a Riesling."
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
@@ -40,12 +48,35 @@ def _personas(target: Path) -> Path:
     return target
 
 
+def _past_conversation(store: PostgresTurnStore) -> Conversation:
+    past = Conversation(uuid.uuid4(), "helper-en", "web")
+    store.open_conversation(past)
+    store.record(
+        Turn(
+            past.conversation_id,
+            1,
+            PAST_QUESTION,
+            PAST_ANSWER,
+            timings=Timings(endpoint_ms=320, stt_ms=400, llm_ttft_ms=150, tts_first_ms=90),
+        )
+    )
+    assert store.flush(10)
+    return past
+
+
 @pytest.fixture(scope="module")
 def page_url(
-    tiny_en_model_dir: Path, joe_voice_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, OllamaProtocolServer]]:
+    tiny_en_model_dir: Path,
+    joe_voice_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_dsn: str,
+) -> Iterator[tuple[str, OllamaProtocolServer, Conversation]]:
     tmp = tmp_path_factory.mktemp("browser")
-    with OllamaProtocolServer("gpu-8b", script=KeywordScript([("france", ANSWER)])) as ollama:
+    with (
+        OllamaProtocolServer("gpu-8b", script=KeywordScript([("france", ANSWER)])) as ollama,
+        PostgresTurnStore(pg_dsn, tmp / "spool.jsonl") as store,
+    ):
+        past = _past_conversation(store)
         settings = Settings(
             data_dir=tmp / "data",
             personas_dir=_personas(tmp / "personas"),
@@ -54,10 +85,10 @@ def page_url(
             tts_voice=str(joe_voice_path),
             ollama_host=ollama.base_url,
         )
-        runtime = build_runtime(settings)
-        stream = build_stream(runtime, settings)
+        runtime = build_runtime(settings, store=store)
+        page = build_page(build_stream(runtime, settings), runtime)
         port = free_port()
-        stream.ui.launch(
+        page.launch(
             server_name="127.0.0.1",
             server_port=port,
             prevent_thread_lock=True,
@@ -65,17 +96,20 @@ def page_url(
             show_api=False,
         )
         try:
-            yield f"http://127.0.0.1:{port}", ollama
+            yield f"http://127.0.0.1:{port}", ollama, past
         finally:
-            stream.ui.close()
+            page.close()
 
 
-def test_the_page_answers_a_caller_and_shows_transcript_and_latencies(
-    page_url: tuple[str, OllamaProtocolServer], joe_voice_path: Path, tmp_path: Path
+def test_the_page_greets_answers_shows_status_captions_latencies_and_the_log(
+    page_url: tuple[str, OllamaProtocolServer, Conversation], joe_voice_path: Path, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    url, ollama = page_url
+    url, ollama, past = page_url
+    greeting = tomllib.loads((Settings().personas_dir / "assistant-en.toml").read_text())[
+        "greeting"
+    ]
     voice = joe(joe_voice_path)
     # Long enough a lead-in for the greeting to end; Chromium loops the file.
     mic = (
@@ -115,6 +149,22 @@ def test_the_page_answers_a_caller_and_shows_transcript_and_latencies(
             page = browser.new_page()
             page.route("**/*", only_loopback)
             page.goto(url, wait_until="domcontentloaded")
+            status = page.locator("#vb-status .vb-status")
+            expect(status).to_have_attribute("data-state", "idle", timeout=30_000)
+            # Every state the status line goes through, as the page shows it.
+            page.evaluate(
+                """() => {
+                    window.vbStates = [];
+                    const seen = () => {
+                        const line = document.querySelector('#vb-status .vb-status');
+                        const state = line && line.dataset.state;
+                        if (state && window.vbStates.at(-1) !== state) window.vbStates.push(state);
+                    };
+                    new MutationObserver(seen).observe(
+                        document.querySelector('#vb-status'),
+                        {subtree: true, childList: true, attributes: true, characterData: true});
+                }"""
+            )
             page.get_by_label("Persona").click()
             page.get_by_role("option", name="Helper").click()
             page.get_by_role("button", name="Click to Access Microphone").click()
@@ -122,18 +172,44 @@ def test_the_page_answers_a_caller_and_shows_transcript_and_latencies(
             start.click()
             expect(start).to_have_text("Stop", timeout=30_000)  # connected
 
+            # The greeting is the first bubble, before the caller says anything.
+            transcript = page.locator("#vb-transcript")
+            users = transcript.locator('[data-testid="user"]')
+            bots = transcript.locator('[data-testid="bot"]')
+            # (on a busy machine the caller may cut it short: its first words are there)
+            expect(bots.first).to_contain_text(greeting.split(".")[0], timeout=30_000)
             # Chromium's file loops, so the caller asks twice: both turns stay on the page.
-            users = page.locator('[data-testid="user"]')
-            bots = page.locator('[data-testid="bot"]')
-            rows = page.locator('[data-testid="markdown"] table tbody tr')
+            rows = page.locator("#vb-latency table tbody tr")
             expect(rows).to_have_count(2, timeout=60_000)
             expect(users).to_have_count(2)
-            expect(bots).to_have_count(2)
+            expect(bots).to_have_count(3)
             assert "capital" in users.first.inner_text().lower()
-            assert bots.first.inner_text().strip() == ANSWER
+            assert bots.nth(1).inner_text().strip() == ANSWER
             cells = rows.first.locator("td").all_inner_texts()
             assert cells[0].strip() == "1"
-            assert cells[5].strip().endswith("ms")  # voice-to-voice was measured
+            assert cells[5].strip().isdigit()  # voice-to-voice was measured (ms)
+            # One stacked bar per turn, its parts drawn.
+            bars = page.locator("#vb-latency .vb-chart-row")
+            expect(bars).to_have_count(2)
+            assert bars.first.locator(".vb-seg").count() >= 3
+            assert bars.first.locator(".vb-seg.vb-stt").bounding_box()["width"] > 1
+            states = page.evaluate("window.vbStates")
+            assert "listening" in states and "speaking" in states[states.index("listening") :]
+            assert "thinking" in states, states
+
+            start.click()  # hang up: the log is read between calls
+            expect(start).not_to_have_text("Stop", timeout=15_000)
+
+            # The log: pick the past conversation, read it, continue it.
+            page.locator("#vb-log").get_by_text("Conversation log").click()
+            page.get_by_role("button", name="Refresh").click()
+            page.get_by_text(str(past.conversation_id)).first.click()
+            expect(page.get_by_text(PAST_ANSWER).first).to_be_visible(timeout=15_000)
+            page.locator("#vb-continue").click()
+            expect(page.get_by_label("Continue conversation (id, optional)")).to_have_value(
+                str(past.conversation_id), timeout=15_000
+            )
+            expect(transcript.get_by_text(PAST_QUESTION)).to_be_visible()
         finally:
             browser.close()
     # The persona picked on the page is the one that answered.

@@ -398,8 +398,8 @@ def test_call_events_stream_the_callers_own_turns(tmp_path: Path) -> None:
                             kind = line[7:]
                         elif line.startswith("data: ") and kind == "turn":
                             updates.append(json.loads(line[6:]))
-                            if updates[-1]["final"]:
-                                break
+                            if updates[-1]["final"] and updates[-1]["turn"]["sequence"]:
+                                break  # the caller's turn (the greeting is sequence 0)
                     speaking.cancel()
                 await caller.stop()
 

@@ -3,49 +3,132 @@ and opens what the turn log holds (real PostgreSQL)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from tests import fakes
+from voicebot.call.status import CallStatus
 from voicebot.conversation import Conversation, Timings, Turn
 from voicebot.handler import TurnUpdate
 from voicebot.settings import Settings
 from voicebot.store import PostgresTurnStore
-from voicebot.ui import LATENCY_HEADER, conversation_rows, on_turn_update, transcript_messages
+from voicebot.ui import (
+    PAGE_CSS,
+    LiveTranscript,
+    conversation_rows,
+    latency_html,
+    on_turn_update,
+    status_html,
+    status_language,
+    transcript_messages,
+)
 
 
 def _turn(seq: int, **kw: object) -> Turn:
-    return Turn(
-        conversation_id=uuid.uuid4(),
-        sequence=seq,
-        user_text=f"question {seq}",
-        assistant_text=f"answer {seq}",
-        timings=Timings(endpoint_ms=300, stt_ms=200, llm_ttft_ms=150, tts_first_ms=90, v2v_ms=800),
-        **kw,  # type: ignore[arg-type]
-    )
+    values: dict[str, object] = {
+        "conversation_id": uuid.uuid4(),
+        "sequence": seq,
+        "user_text": f"question {seq}",
+        "assistant_text": f"answer {seq}",
+        "timings": Timings(
+            endpoint_ms=300, stt_ms=200, llm_ttft_ms=150, tts_first_ms=90, v2v_ms=800
+        ),
+    }
+    return Turn(**{**values, **kw})  # type: ignore[arg-type]
 
 
-def test_turn_updates_make_one_bubble_pair_and_one_latency_row() -> None:
-    turn = _turn(1)
-    chat, latency = on_turn_update(None, None, TurnUpdate(turn, final=False))
+def test_captions_grow_one_assistant_bubble_and_the_final_text_replaces_them() -> None:
+    turn = _turn(1, assistant_text="")
+    chat = on_turn_update(None, TurnUpdate(turn, final=False))  # voice-to-voice only
     assert chat == [
         {"role": "user", "content": "question 1", "metadata": {"id": f"u-{turn.turn_id}"}}
     ]
-    assert latency == ""
-    chat, latency = on_turn_update(chat, latency, TurnUpdate(turn, final=True))
-    assert [m["role"] for m in chat] == ["user", "assistant"]
-    assert chat[1]["content"] == "answer 1"
-    assert latency.startswith(LATENCY_HEADER)
-    assert latency.splitlines()[-1] == "| 1 | 300 ms | 200 ms | 150 ms | 90 ms | 800 ms | – |"
+    for caption in ("First.", "First. Second"):
+        chat = on_turn_update(chat, TurnUpdate(replace(turn, assistant_text=caption), False))
+    assert [(m["role"], m["content"]) for m in chat] == [
+        ("user", "question 1"),
+        ("assistant", "First. Second"),
+    ]
+    heard = replace(turn, assistant_text="First. Sec…", interrupted=True)
+    chat = on_turn_update(chat, TurnUpdate(heard, final=True))
+    assert [m["content"] for m in chat] == ["question 1", "First. Sec… — (interrupted)"]
+    assert on_turn_update(None, TurnUpdate(heard, final=True), "ja")[1]["content"].endswith(
+        "…（中断）"
+    )
+
+
+def test_the_greeting_is_the_first_bubble_without_a_user_bubble() -> None:
+    greeting = Turn(uuid.uuid4(), 0, "", assistant_text="Hi,")
+    chat = on_turn_update(None, TurnUpdate(greeting, final=False))
+    chat = on_turn_update(
+        chat, TurnUpdate(replace(greeting, assistant_text="Hi, I am here."), True)
+    )
+    assert [(m["role"], m["content"]) for m in chat] == [("assistant", "Hi, I am here.")]
+
+
+def test_live_outputs_keep_the_transcript_and_chart_per_call_and_status_in_its_language() -> None:
+    live = LiveTranscript()
+    ja_idle = status_html("idle", "ja")
+    turn = _turn(1)
+    chat, status, latency = live([], ja_idle, "", TurnUpdate(turn, final=True))
+    assert chat[-1]["content"] == "answer 1"
+    assert latency.count('class="vb-chart-row"') == 1
+    assert status == {"__type__": "update"}  # left as it is
+    chat, status, latency = live([], ja_idle, "", CallStatus("thinking"))
+    assert chat == latency == {"__type__": "update"}
+    assert "考えています" in status and 'data-state="thinking"' in status
+    assert status_language(status) == "ja"
+    error = live([], status_html("idle", "en"), "", CallStatus("error", "start it: `ollama serve`"))
+    assert "Something went wrong" in error[1] and "`ollama serve`" in error[1]
+    # A later update of the same call starts from what the handler kept, not the page's start.
+    chat, _, latency = live(
+        [], ja_idle, "", TurnUpdate(_turn(2, conversation_id=turn.conversation_id), True)
+    )
+    assert [m["content"] for m in chat] == ["question 1", "answer 1", "question 2", "answer 2"]
+    assert latency.count('class="vb-chart-row"') == 2
+
+
+def test_latency_chart_stacks_the_parts_on_one_scale_and_the_table_has_every_figure() -> None:
+    fast, slow = _turn(1), _turn(2)
+    slow.timings.stt_ms = 1200
+    page = latency_html([fast, slow])
+    widths = [float(w) for w in re.findall(r"width:([0-9.]+)%", page)]
+    assert len(widths) == 8  # endpoint, STT, LLM, TTS per turn
+    assert sum(widths[4:]) == pytest.approx(100, abs=0.1)  # the slowest turn fills the track
+    assert sum(widths[:4]) == pytest.approx(100 * 740 / 1740, abs=0.1)
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    assert cells[:7] == ["1", "300", "200", "150", "90", "800", "–"]
+    assert "white-space" not in page  # the stylesheet keeps headers on one line
+
+
+def test_picking_a_japanese_persona_puts_the_status_line_in_japanese() -> None:
+    from voicebot.handler import VoiceHandler
+    from voicebot.ui import build_call_stream
+
+    runtime = fakes.runtime()
+    stream = build_call_stream(
+        VoiceHandler(runtime, persona_from_ui=True),
+        [("Test", "test-en"), ("日本語", "test-ja")],
+        "test-en",
+        concurrency_limit=2,
+        time_limit=None,
+        languages={"test-en": "en", "test-ja": "ja"},
+    )
+    picked = next(d.fn for d in stream.ui.fns.values() if d.name == "persona_picked")
+    assert status_language(picked("test-ja")) == "ja" and "話しかけて" in picked("test-ja")
+    assert "speak" in picked("test-en")
 
 
 def test_interrupted_and_failed_turns_are_marked() -> None:
     turn = _turn(2, interrupted=True, error="llm: Ollama unreachable")
     messages = transcript_messages([turn])
-    assert "⏹" in messages[1]["content"] and "Ollama unreachable" in messages[1]["content"]
+    assert "(interrupted)" in messages[1]["content"]
+    assert "Ollama unreachable" in messages[1]["content"]
 
 
 def _free_port() -> int:
@@ -78,7 +161,9 @@ def test_page_lists_recent_conversations_from_the_turn_log(pg_dsn: str, tmp_path
             labels = {c.get("props", {}).get("label") for c in config["components"]}
             assert {"Persona", "Transcript", "Stored transcript"} <= labels
             texts = str(config)
-            assert "Conversation log" in texts
+            assert "Conversation log" in texts and "Continue this conversation" in texts
+            # The page's stylesheet is served, first: FastRTC's ends with a stray ";".
+            assert config["css"].startswith(PAGE_CSS.read_text(encoding="utf-8"))
         finally:
             page.close()
     finally:

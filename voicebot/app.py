@@ -6,10 +6,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from voicebot.console import step
 from voicebot.errors import ConfigError, StageError, VoicebotError
 from voicebot.personas import Persona, load_personas
 from voicebot.runtime import PersonaStack, Runtime
@@ -17,6 +18,8 @@ from voicebot.settings import Settings
 from voicebot.turns import TurnConfig
 
 if TYPE_CHECKING:
+    import ollama
+
     from voicebot.llm import ChatModel
     from voicebot.store import PostgresTurnStore, TurnStore
 
@@ -51,14 +54,20 @@ def select_personas(settings: Settings, names: Iterable[str] | None) -> dict[str
     return {name: personas[name] for name in wanted}
 
 
+PullOffer = Callable[["ollama.Client", str], bool]
+"""Asked when a persona's model is not pulled: pull it (True when it now is)."""
+
+
 def build_runtime(
     settings: Settings,
     *,
     personas: Iterable[str] | None = None,
     store: TurnStore | None = None,
     warm_up: bool = True,
+    offer_pull: PullOffer | None = None,
 ) -> Runtime:
-    """Load every model the selected personas need, once, and warm them up in parallel."""
+    """Load every model the selected personas need, once, check the LLMs and warm everything
+    up in parallel; each step is one line on ``voicebot.startup``."""
     from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
     from voicebot.tts import VoiceBank
     from voicebot.vad import SileroVad
@@ -66,31 +75,54 @@ def build_runtime(
     started = time.monotonic()
     selected = select_personas(settings, personas)
     device, _ = resolve_device(settings.device)
+    loading = time.monotonic()
     vad = SileroVad()
+    step("  VAD       Silero v6, loaded in %.1f s", time.monotonic() - loading)
     transcribers: dict[str, WhisperTranscriber] = {}
     voices = VoiceBank(settings.voices_dir, settings.cache_dir)
+    loaded_voices: set[tuple[str, str]] = set()
     chats = ChatFactory(settings)
     stacks: dict[str, PersonaStack] = {}
     for name, persona in selected.items():
         model = settings.stt_model or default_model_name(device, persona.language)
         if model not in transcribers:
-            transcribers[model] = WhisperTranscriber(
+            loading = time.monotonic()
+            stt = transcribers[model] = WhisperTranscriber(
                 model,
                 device=settings.device,
                 compute_type=settings.stt_compute_type,
                 cpu_threads=settings.stt_cpu_threads,
             )
+            step(
+                "  STT       whisper %s on %s/%s, loaded in %.1f s",
+                stt.name,
+                stt.device,
+                stt.compute_type,
+                time.monotonic() - loading,
+            )
         voice = persona.tts_voice
         if settings.tts_voice and persona.tts == "piper":
             voice = settings.tts_voice
+        loading = time.monotonic()
+        synthesizer = voices.get(persona.tts, voice)
+        if (persona.tts, voice) not in loaded_voices:
+            loaded_voices.add((persona.tts, voice))
+            step(
+                "  TTS       %s, loaded in %.1f s",
+                synthesizer.name,
+                time.monotonic() - loading,
+            )
         stacks[name] = PersonaStack(
             persona=persona,
             transcriber=transcribers[model],
             chat=chats.chat_for(persona),
-            synthesizer=voices.get(persona.tts, voice),
+            synthesizer=synthesizer,
         )
     if warm_up:
-        _warm_up(stacks.values())
+        reachable = _check_llms(settings.ollama_host, stacks.values(), offer_pull)
+        warming = time.monotonic()
+        _warm_up(stacks.values(), reachable)
+        step("  warm-up   every model ran once in %.1f s", time.monotonic() - warming)
     logger.info(
         "models ready in %.1f s: stt %s; personas %s",
         time.monotonic() - started,
@@ -149,11 +181,47 @@ class ChatFactory:
         )
 
 
-def _warm_up(stacks: Iterable[PersonaStack]) -> None:
+def _check_llms(
+    host: str, stacks: Iterable[PersonaStack], offer_pull: PullOffer | None
+) -> set[int]:
+    """One line per LLM model: reachable and pulled, or the command that fixes it. An Ollama
+    that cannot be reached is said once, not once per model. Returns the ``id`` of each chat
+    model worth warming up."""
+    from voicebot.llm import OllamaChat
+
+    usable: set[int] = set()
+    pulled: dict[str, bool] = {}
+    for stack in stacks:
+        chat = stack.chat
+        if not isinstance(chat, OllamaChat):
+            usable.add(id(chat))
+            continue
+        if chat.name not in pulled:
+            try:
+                chat.check()
+                pulled[chat.name] = True
+            except ConfigError as e:
+                if "ollama pull" not in str(e):  # unreachable: the other models would agree
+                    step("  LLM       %s; until then the persona apologizes", e)
+                    return usable
+                pulled[chat.name] = offer_pull is not None and offer_pull(chat.client, chat.name)
+                if not pulled[chat.name]:
+                    step("  LLM       %s; until then the persona apologizes", e)
+            if pulled[chat.name]:
+                step("  LLM       %s at %s: reachable, model pulled", chat.name, host)
+        if pulled[chat.name]:
+            usable.add(id(chat))
+    return usable
+
+
+def _warm_up(stacks: Iterable[PersonaStack], reachable_chats: set[int] | None = None) -> None:
     """Run one tiny request through each model so the first call does not pay for loading."""
     tasks: dict[int, Any] = {}
     for stack in stacks:
-        for part in (stack.transcriber, stack.synthesizer, stack.chat):
+        parts: list[Any] = [stack.transcriber, stack.synthesizer]
+        if reachable_chats is None or id(stack.chat) in reachable_chats:
+            parts.append(stack.chat)
+        for part in parts:
             warm = getattr(part, "warm_up", None)
             if warm is not None:
                 tasks.setdefault(id(part), warm)
@@ -176,8 +244,9 @@ def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
     from voicebot.database import open_database
     from voicebot.store import PostgresTurnStore
 
+    started = time.monotonic()
     with open_database(settings, allow_unreachable=True) as database:
-        logger.info("turn log in %s", database.display_dsn)
+        step("  database  %s, ready in %.1f s", database.display_dsn, time.monotonic() - started)
         store = PostgresTurnStore(
             database.dsn,
             settings.spool_path,
@@ -208,6 +277,7 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
         rtc_configuration=settings.rtc_configuration.as_dict()
         if settings.rtc_configuration
         else None,
+        languages={name: stack.persona.language for name, stack in runtime.stacks.items()},
     )
 
 
@@ -221,10 +291,16 @@ def build_page(stream: Any, runtime: Runtime) -> Any:
     if store is None or not hasattr(store, "conversations"):
         return stream.ui
     log: ConversationLog = store  # type: ignore[assignment]
-    conversation_box = stream.additional_input_components[1]
-    with gr.Blocks(title="voicebot", analytics_enabled=False) as page:
+    persona_box, conversation_box = stream.additional_input_components[:2]
+    with gr.Blocks(title="voicebot", analytics_enabled=False, css=stream.ui.css) as page:
         stream.ui.render()
-        add_conversation_log(log, conversation_box)
+        add_conversation_log(
+            log,
+            conversation_box,
+            persona_box=persona_box,
+            transcript=stream.additional_output_components[0],
+            personas=list(runtime.stacks),
+        )
     return page
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import signal
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
+from voicebot.console import fail, setup_logging, step
 from voicebot.errors import VoicebotError
 from voicebot.settings import Settings
 
@@ -24,23 +28,83 @@ app = typer.Typer(
 )
 logger = logging.getLogger("voicebot")
 
-PersonaOpt = Annotated[
-    str | None, typer.Option("--persona", help="Persona name (a file in personas/).")
-]
-SttModelOpt = Annotated[
-    str | None,
-    typer.Option("--stt-model", help="faster-whisper size name or local CTranslate2 directory."),
-]
-TtsVoiceOpt = Annotated[
-    str | None,
-    typer.Option("--tts-voice", help="Piper voice name or local .onnx path (overrides persona)."),
-]
-OllamaHostOpt = Annotated[
-    str | None, typer.Option("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST).")
-]
-DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="auto, cpu or cuda: where STT runs.")
-]
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The option block of every command that loads models (one definition: ``models``)."""
+
+    persona: Annotated[
+        str | None, typer.Option("--persona", help="Persona name (a file in personas/).")
+    ] = None
+    stt_model: Annotated[
+        str | None,
+        typer.Option(
+            "--stt-model", help="faster-whisper size name or local CTranslate2 directory."
+        ),
+    ] = None
+    tts_voice: Annotated[
+        str | None,
+        typer.Option(
+            "--tts-voice", help="Piper voice name or local .onnx path (overrides persona)."
+        ),
+    ] = None
+    ollama_host: Annotated[
+        str | None, typer.Option("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST).")
+    ] = None
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu or cuda: where STT runs.")
+    ] = None
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Every library's log lines and each start-up detail."),
+    ] = False
+
+    def settings(self, **more: Any) -> Settings:
+        """Settings from the environment with these flags (and ``more``) on top."""
+        return make_settings(
+            persona=self.persona,
+            stt_model=self.stt_model,
+            tts_voice=self.tts_voice,
+            ollama_host=self.ollama_host,
+            device=self.device,
+            **more,
+        )
+
+
+def models(*, without: tuple[str, ...] = ()) -> Callable[[Command], Command]:
+    """Give a command the shared model options; it receives them as ``options: ModelOptions``.
+
+    ``without`` leaves out options a command has no use for (``bench`` has no persona).
+    """
+    shared = [f for f in fields(ModelOptions) if f.name not in without]
+    hints = get_type_hints(ModelOptions, include_extras=True)
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "options"]
+        added = [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
+            )
+            for f in shared
+        ]
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            options = ModelOptions(**{f.name: kwargs.pop(f.name) for f in shared})
+            if options.verbose:  # at the level the app's callback set
+                setup_logging(logging.getLevelName(logging.getLogger().level), verbose=True)
+            return command(*args, options=options, **kwargs)
+
+        run.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
 ConversationOpt = Annotated[
     str | None, typer.Option("--conversation", help="Continue this earlier conversation (id).")
 ]
@@ -80,20 +144,25 @@ def make_settings(**overrides: Any) -> Settings:
         raise VoicebotError(f"invalid setting: {e}") from e
 
 
-def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+def _offer_pull(client: Any, model: str) -> bool:
+    """At a terminal, offer to pull a persona's missing model (with a progress bar)."""
+    if not sys.stdin.isatty():
+        return False
+    from voicebot.doctor import offer_pull
+
+    return offer_pull(client, model)
 
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Every library's log lines.")
+    ] = False,
 ) -> None:
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(log_level, verbose=verbose)
+    ctx.obj = make_settings  # what the history and db commands read their settings with
     # A service manager stops us with SIGTERM: unwind as for Ctrl-C, so the turn log drains
     # and the embedded PostgreSQL server stops instead of being left running.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -104,12 +173,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 @app.command()
+@models()
 def ui(
-    persona: PersonaOpt = None,
-    stt_model: SttModelOpt = None,
-    tts_voice: TtsVoiceOpt = None,
-    ollama_host: OllamaHostOpt = None,
-    device: DeviceOpt = None,
+    options: ModelOptions,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
     store: StoreOpt = True,
@@ -118,41 +184,31 @@ def ui(
     from voicebot.app import build_runtime, launch_ui
 
     try:
-        settings = make_settings(
-            persona=persona,
-            stt_model=stt_model,
-            tts_voice=tts_voice,
-            ollama_host=ollama_host,
-            device=device,
-            host=host,
-            port=port,
-        )
+        settings = options.settings(host=host, port=port)
         from voicebot.server.access import check_exposure, install_log_redaction, log_secrets
 
         check_exposure(settings)
         install_log_redaction(log_secrets(settings))
         with _maybe_store(settings, store) as turn_store:
-            runtime = build_runtime(settings, store=turn_store)
+            runtime = build_runtime(settings, store=turn_store, offer_pull=_offer_pull)
             page = launch_ui(settings, runtime)
+            step("  page      served", ready=True)
             typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
             page.block_thread()
     except VoicebotError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
+@models()
 def simulate(
+    options: ModelOptions,
     wav: Annotated[Path, typer.Argument(help="The caller's audio (WAV, any rate).")],
-    persona: PersonaOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Write the agent's audio on the input timeline.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per turn.")] = False,
     greet: Annotated[bool, typer.Option(help="Speak the persona's greeting first.")] = False,
-    stt_model: SttModelOpt = None,
-    tts_voice: TtsVoiceOpt = None,
-    ollama_host: OllamaHostOpt = None,
-    device: DeviceOpt = None,
     conversation: ConversationOpt = None,
     store: StoreOpt = True,
 ) -> None:
@@ -163,18 +219,11 @@ def simulate(
     from voicebot.simulate import simulate_call, turn_record
 
     try:
-        settings = make_settings(
-            persona=persona,
-            stt_model=stt_model,
-            tts_voice=tts_voice,
-            ollama_host=ollama_host,
-            device=device,
-        )
+        settings = options.settings()
         conversation_id = uuid.UUID(conversation) if conversation else None
         samples, rate = soundfile.read(str(wav), dtype="float32", always_2d=False)
     except (VoicebotError, OSError, ValueError, RuntimeError) as e:
-        _fail(e)
-        return
+        fail(e)
     try:
         with _maybe_store(settings, store) as turn_store:
             runtime = build_runtime(settings, personas=[settings.persona], store=turn_store)
@@ -191,8 +240,7 @@ def simulate(
                 greet=greet,
             )
     except VoicebotError as e:
-        _fail(e)
-        return
+        fail(e)
     for turn in result.turns:
         record = turn_record(turn)
         if as_json:
@@ -215,28 +263,18 @@ def simulate(
 
 
 @app.command()
+@models()
 def doctor(
-    persona: PersonaOpt = None,
-    stt_model: SttModelOpt = None,
-    tts_voice: TtsVoiceOpt = None,
-    ollama_host: OllamaHostOpt = None,
-    device: DeviceOpt = None,
+    options: ModelOptions,
     pull: Annotated[bool, typer.Option(help="Offer to pull missing Ollama models.")] = False,
 ) -> None:
     """Check every dependency and say what is missing; non-zero exit if anything is."""
     from voicebot.doctor import run_checks
 
     try:
-        settings = make_settings(
-            persona=persona,
-            stt_model=stt_model,
-            tts_voice=tts_voice,
-            ollama_host=ollama_host,
-            device=device,
-        )
+        settings = options.settings()
     except VoicebotError as e:
-        _fail(e)
-        return
+        fail(e)
     ok = True
     for check in run_checks(settings, pull=pull, interactive=sys.stdin.isatty()):
         mark = "ok " if check.ok else "MISSING"
@@ -247,33 +285,21 @@ def doctor(
 
 
 @app.command()
+@models()
 def serve(
+    options: ModelOptions,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 7860).")] = None,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the Gradio page at /ui.")] = True,
-    persona: PersonaOpt = None,
-    stt_model: SttModelOpt = None,
-    tts_voice: TtsVoiceOpt = None,
-    ollama_host: OllamaHostOpt = None,
-    device: DeviceOpt = None,
 ) -> None:
     """Serve the API, the phone routes and (optionally) the page with uvicorn."""
     try:
-        settings = make_settings(
-            persona=persona,
-            stt_model=stt_model,
-            tts_voice=tts_voice,
-            ollama_host=ollama_host,
-            device=device,
-            host=host,
-            port=port,
-        )
+        settings = options.settings(host=host, port=port)
         from voicebot.server import check_exposure
 
         check_exposure(settings)
     except VoicebotError as e:
-        _fail(e)
-        return
+        fail(e)
     import uvicorn
 
     from voicebot.server import create_app
@@ -283,36 +309,39 @@ def serve(
     try:
         application = create_app(settings, ui=ui)
     except VoicebotError as e:
-        _fail(e)
-        return
-    typer.echo(f"voicebot is serving on http://{settings.host}:{settings.port}")
+        fail(e)
+    _announce_when_started(application, f"http://{settings.host}:{settings.port}")
     uvicorn.run(application, host=settings.host, port=settings.port, log_config=None)
 
 
+def _announce_when_started(application: Any, url: str) -> None:
+    """Print the URL once the app's lifespan has loaded the models (the last start-up line)."""
+    starting = application.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        async with starting(app) as state:
+            step("  ready", ready=True)
+            typer.echo(f"voicebot is serving on {url}")
+            yield state
+
+    application.router.lifespan_context = lifespan
+
+
 @app.command()
+@models()
 def phone(
-    persona: PersonaOpt = None,
-    stt_model: SttModelOpt = None,
-    tts_voice: TtsVoiceOpt = None,
-    ollama_host: OllamaHostOpt = None,
-    device: DeviceOpt = None,
+    options: ModelOptions,
     port: Annotated[int, typer.Option(help="Local port for FastRTC's server.")] = 8000,
 ) -> None:
     """A quick phone trial on a temporary number (FastRTC fastphone; needs HF_TOKEN, internet)."""
     try:
-        settings = make_settings(
-            persona=persona,
-            stt_model=stt_model,
-            tts_voice=tts_voice,
-            ollama_host=ollama_host,
-            device=device,
-        )
+        settings = options.settings()
     except VoicebotError as e:
-        _fail(e)
-        return
+        fail(e)
     token = settings.hf_token.get_secret_value() if settings.hf_token else ""
     if not token:
-        _fail(
+        fail(
             VoicebotError(
                 "voicebot phone needs a Hugging Face token: create one at "
                 "https://huggingface.co/settings/tokens and `export HF_TOKEN=hf_...` "
@@ -338,20 +367,22 @@ def phone(
             )
             stream.fastphone(token=token, host="127.0.0.1", port=port)
     except VoicebotError as e:
-        _fail(e)
+        fail(e)
 
 
 def _register_store_commands() -> None:
     from voicebot.store_cli import register
 
-    register(app, lambda: make_settings())
+    register(app)
 
 
 _register_store_commands()
 
 
 @app.command()
+@models(without=("persona",))
 def bench(
+    options: ModelOptions,
     corpus: Annotated[
         Path | None, typer.Option("--corpus", help="Corpus dir (WAVs + manifest.jsonl).")
     ] = None,
@@ -364,9 +395,6 @@ def bench(
     llm_profile: Annotated[
         str, typer.Option("--llm-profile", help="Scripted LLM timing: gpu-8b, cpu-3b, instant.")
     ] = "gpu-8b",
-    ollama_host: Annotated[
-        str | None, typer.Option("--ollama-host", help="Use a real Ollama instead.")
-    ] = None,
     sessions: Annotated[
         int, typer.Option("--sessions", help="Also run 1, 2, 4 … N simultaneous calls.")
     ] = 1,
@@ -378,11 +406,9 @@ def bench(
         int | None, typer.Option("--limit", help="First N items of each language.")
     ] = None,
     languages: Annotated[str, typer.Option("--languages", help="Comma-separated.")] = "en,ja",
-    stt_model: SttModelOpt = None,
     stt_model_ja: Annotated[
         str | None, typer.Option("--stt-model-ja", help="Multilingual whisper for Japanese.")
     ] = None,
-    tts_voice: TtsVoiceOpt = None,
 ) -> None:
     """Voice-to-voice latency of voicebot next to the FastRTC cookbook pipeline."""
     from voicebot.bench.main import DEFAULT_CORPUS, BenchOptions, run_bench
@@ -396,24 +422,23 @@ def bench(
             err=True,
         )
 
-    options = BenchOptions(
+    bench_options = BenchOptions(
         corpus=corpus or DEFAULT_CORPUS,
         languages=tuple(x.strip() for x in languages.split(",") if x.strip()),
         repeats=repeats,
         limit=limit,
         llm_profile=llm_profile,
-        ollama_host=ollama_host,
+        ollama_host=options.ollama_host,  # none: the scripted profile
         sessions=sessions,
         sessions_baseline=sessions_baseline,
-        stt_model=stt_model,
+        stt_model=options.stt_model,
         stt_model_ja=stt_model_ja,
-        tts_voice=tts_voice,
+        tts_voice=options.tts_voice,
     )
     try:
-        report = run_bench(options, make_settings(), progress=progress)
+        report = run_bench(bench_options, make_settings(device=options.device), progress=progress)
     except (VoicebotError, ValueError) as e:
-        _fail(e)
-        return
+        fail(e)
     typer.echo(format_table(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from voicebot.errors import ConfigError, VoicebotError
 from voicebot.settings import Settings
@@ -105,10 +106,29 @@ def run_checks(
         yield Check("Ollama", False, str(e))
 
 
+def offer_pull(client: Any, model: str) -> bool:
+    """Ask at the terminal whether to pull ``model``; pull it with a progress bar if so.
+
+    True when the model is there afterwards; a failed pull is said in one line.
+    """
+    from voicebot.llm import pull_model
+
+    if not _confirm(model):
+        return False
+    try:
+        pull_model(client, model, _ProgressBar(model))
+    except ConfigError as e:
+        logger.warning("%s", e)
+        return False
+    return True
+
+
 def _confirm(model: str) -> bool:
     import typer
 
-    return bool(typer.confirm(f"Pull {model} now?", default=True))
+    return bool(
+        typer.confirm(f"The model {model} is not pulled. Pull it now?", default=True, err=True)
+    )
 
 
 class _ProgressBar:

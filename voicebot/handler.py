@@ -31,6 +31,7 @@ from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 
 from voicebot.audio import Audio, Samples, resample, to_mono_float32
 from voicebot.backchannel import is_backchannel
+from voicebot.call.status import CallState, CallStatus
 from voicebot.chunking import Chunker
 from voicebot.conversation import Channel, Conversation, Message, Timings, Turn, utc_now
 from voicebot.errors import StageError
@@ -87,6 +88,7 @@ class _Reply:
     last_frame_t: float | None = None
     producing: bool = True  # STT/LLM/TTS still at work
     finished: bool = False  # recorded; nothing more to do
+    caption: Turn | None = None  # what the page shows of a greeting or goodbye (sequence 0)
 
     def played_text(self) -> str:
         """The part of the reply the user heard: whole chunks, then a prefix of the last one."""
@@ -165,6 +167,7 @@ class VoiceHandler(StreamHandler):
         self._started = False
         self._closed = False
         self._receive_errors = 0
+        self._last_status: tuple[CallState, str | None] | None = None
         self._close_message: str | None = None
         self.completed_turns: list[Turn] = []
         self.caller_ref = caller_ref
@@ -252,6 +255,7 @@ class VoiceHandler(StreamHandler):
                 )
             )
         logger.info("call %s started with persona %s", self.conversation_id, persona.name)
+        self._status("listening")
         if self.greet and persona.greeting and not self.history:
             self._speak_canned(persona.greeting)
 
@@ -386,8 +390,10 @@ class VoiceHandler(StreamHandler):
     def _pop_frame(self, now: float) -> tuple[int, Samples]:
         frame = self._frames.popleft()
         self._play_count += 1
-        frame.chunk.played += frame.samples.size
         reply = frame.reply
+        if frame.chunk.played == 0:  # a new chunk starts playing: its text is the caption
+            self._caption(reply, frame.chunk)
+        frame.chunk.played += frame.samples.size
         if reply.first_audio_t is None:
             reply.first_audio_t = now
             if reply.turn is not None and reply.speech_end_t is not None:
@@ -440,6 +446,7 @@ class VoiceHandler(StreamHandler):
         # The user talks again before the agent said anything: the last turn was not over
         # (a mid-sentence pause). Drop the pending reply and carry its audio into this turn.
         with self._lock:
+            self._status("user_speaking")
             reply = self._reply
             pending = reply is not None and reply.producing and reply.first_audio_t is None
         if pending and reply is not None and reply.turn is not None:
@@ -487,6 +494,7 @@ class VoiceHandler(StreamHandler):
             if reply.turn is not None:
                 reply.turn.timings.bargein_stop_ms = max(0.0, (stop_t - start_t) * 1000)
             self._paused = reply
+            self._status("paused")
             if not may_be_backchannel:
                 self._stop_paused_reply("barge-in")
         logger.debug("barge-in: agent paused")
@@ -519,6 +527,7 @@ class VoiceHandler(StreamHandler):
     def _resume_paused_reply(self, heard: str) -> None:
         with self._lock:
             reply, self._paused = self._paused, None
+            self._status("speaking")
             if reply is not None and reply.turn is not None:
                 reply.turn.timings.bargein_stop_ms = None
             self._lock.notify_all()
@@ -603,6 +612,7 @@ class VoiceHandler(StreamHandler):
         )
         with self._lock:
             self._reply = reply
+            self._status("thinking")
         threading.Thread(
             target=self._run_reply,
             args=(reply, stack, audio, speculative),
@@ -644,6 +654,7 @@ class VoiceHandler(StreamHandler):
                 reply.finished = True
                 if self._reply is reply:
                     self._reply = None
+                    self._status("listening")
                 logger.debug("empty transcript or superseded turn: no reply")
                 return
             self._sequence += 1
@@ -751,6 +762,14 @@ class VoiceHandler(StreamHandler):
             if self._reply is reply:
                 self._reply = None
             played = reply.played_text()
+            if reply.caption is not None:
+                self._outputs.append(
+                    TurnUpdate(
+                        replace(reply.caption, assistant_text=played, interrupted=interrupted),
+                        final=True,
+                    )
+                )
+            self._status("listening")
         turn = reply.turn
         if turn is None:  # the greeting
             if played:
@@ -775,7 +794,27 @@ class VoiceHandler(StreamHandler):
     def _publish(self, turn: Turn, *, final: bool) -> None:
         with self._lock:
             self._outputs.append(TurnUpdate(replace(turn, timings=replace(turn.timings)), final))
+            if final and turn.error:
+                self._status("error", turn.error)
             self._lock.notify_all()
+
+    def _status(self, state: CallState, detail: str | None = None) -> None:
+        with self._lock:  # only changes reach the page
+            if self._last_status != (state, detail):
+                self._last_status = (state, detail)
+                self._outputs.append(CallStatus(state, detail))
+                self._lock.notify_all()
+
+    def _caption(self, reply: _Reply, chunk: _Chunk) -> None:
+        # With the lock held: the chunks that have started playing, as the page's caption.
+        started = [c.text for c in reply.chunks[: reply.chunks.index(chunk) + 1]]
+        if reply.turn is None and reply.caption is None:
+            reply.caption = Turn(self.conversation_id, 0, "", assistant_text="")
+        turn = reply.turn or reply.caption
+        assert turn is not None
+        self._status("speaking")
+        shown = replace(turn, assistant_text=reply.joiner.join(started))
+        self._outputs.append(TurnUpdate(replace(shown, timings=replace(turn.timings)), False))
 
 
 def _joiner(stack: PersonaStack) -> str:

@@ -1,7 +1,9 @@
 """``voicebot history`` and ``voicebot db {migrate,prune,url}``.
 
-The main CLI calls ``register(app, get_settings)``; ``python -m voicebot.store_cli`` runs these
-commands alone (handy for ``history --follow`` in a second terminal).
+The main CLI calls ``register(app)``; ``python -m voicebot.store_cli`` runs these commands
+alone (handy for ``history --follow`` in a second terminal). The commands read their settings
+through the click context: ``ctx.obj`` is a ``SettingsFactory`` set by the app's callback
+(``Settings`` from the environment when there is none).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from uuid import UUID
 
 import typer
 
+from voicebot.console import fail
 from voicebot.conversation import turn_dict
 from voicebot.database import mask_dsn, open_database, start_database
 from voicebot.errors import ConfigError
@@ -27,32 +30,35 @@ logger = logging.getLogger(__name__)
 
 SettingsFactory = Callable[[], Settings]
 
-_get_settings: SettingsFactory = Settings
-
 db_app = typer.Typer(help="The conversation database (PostgreSQL).", no_args_is_help=True)
 
 
-def register(app: typer.Typer, get_settings: SettingsFactory) -> None:
-    """Add ``history`` and the ``db`` group to ``app``; commands read settings via the factory."""
-    global _get_settings
-    _get_settings = get_settings
+def register(app: typer.Typer, get_settings: SettingsFactory | None = None) -> None:
+    """Add ``history`` and the ``db`` group to ``app``.
+
+    With ``get_settings``, ``app`` gets a callback that hands it to the commands; without, the
+    app's own callback sets ``ctx.obj`` (or the commands read the environment).
+    """
+    if get_settings is not None:
+
+        @app.callback()
+        def _settings_factory(ctx: typer.Context) -> None:
+            ctx.obj = get_settings
+
     app.command("history")(history_command)
     app.add_typer(db_app, name="db")
 
 
-def _settings() -> Settings:
-    return _get_settings()
-
-
-def _fail(error: ConfigError) -> typer.Exit:
-    typer.echo(f"error: {error}", err=True)
-    return typer.Exit(2)
+def _settings(ctx: typer.Context) -> Settings:
+    factory = ctx.obj  # click hands the app callback's obj down to every subcommand
+    return factory() if callable(factory) else Settings()
 
 
 # --- history -----------------------------------------------------------------------------------
 
 
 def history_command(
+    ctx: typer.Context,
     conversation: Annotated[
         str | None,
         typer.Option("--conversation", "-c", help="Only this conversation (its UUID)."),
@@ -75,7 +81,7 @@ def history_command(
                 f"not a conversation id: {conversation!r}", param_hint="--conversation"
             ) from None
     try:
-        with open_database(_settings()) as db:
+        with open_database(_settings(ctx)) as db:
             if follow:
                 try:
                     asyncio.run(_follow(db.dsn, conversation_id, limit, as_json))
@@ -87,7 +93,7 @@ def history_command(
             for stored in turns:
                 typer.echo(_format(stored, as_json))
     except ConfigError as e:
-        raise _fail(e) from None
+        fail(e)
 
 
 async def _follow(dsn: str, conversation_id: UUID | None, backlog: int, as_json: bool) -> None:
@@ -122,13 +128,13 @@ def _format(stored: StoredTurn, as_json: bool) -> str:
 
 
 @db_app.command("migrate")
-def migrate_command() -> None:
+def migrate_command(ctx: typer.Context) -> None:
     """Apply pending schema migrations (start-up does this too)."""
     try:
-        with open_database(_settings(), migrate=False) as db:
+        with open_database(_settings(ctx), migrate=False) as db:
             applied = db.migrate()
     except ConfigError as e:
-        raise _fail(e) from None
+        fail(e)
     if applied:
         typer.echo(f"applied migrations {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -149,6 +155,7 @@ def parse_duration(text: str) -> timedelta:
 
 @db_app.command("prune")
 def prune_command(
+    ctx: typer.Context,
     older_than: Annotated[
         str, typer.Option("--older-than", help="Age, e.g. 30d, 12h, 2w.", show_default=True)
     ] = "30d",
@@ -156,24 +163,24 @@ def prune_command(
     """Delete conversations (and their turns) with no activity for longer than the given age."""
     age = parse_duration(older_than)
     try:
-        with open_database(_settings()) as db, db.connect() as conn:
+        with open_database(_settings(ctx)) as db, db.connect() as conn:
             deleted = prune(conn, age)
     except ConfigError as e:
-        raise _fail(e) from None
+        fail(e)
     typer.echo(f"deleted {deleted} conversation{'s' if deleted != 1 else ''} older than {age}")
 
 
 @db_app.command("url")
-def url_command() -> None:
+def url_command(ctx: typer.Context) -> None:
     """Print the DSN in use (password masked)."""
-    settings = _settings()
+    settings = _settings(ctx)
     if settings.database_url is not None:
         typer.echo(mask_dsn(settings.database_url.get_secret_value()))
         return
     try:
         db = start_database(settings, migrate=False)
     except ConfigError as e:
-        raise _fail(e) from None
+        fail(e)
     try:
         typer.echo(db.display_dsn)
         typer.echo(
@@ -188,7 +195,7 @@ def main() -> None:
     """Entry point of ``python -m voicebot.store_cli``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app = typer.Typer(no_args_is_help=True, help="voicebot conversation history and database.")
-    register(app, Settings)
+    register(app)
     app()
 
 

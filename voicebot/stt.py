@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from voicebot.audio import Audio, MonoAudio, resample, to_mono_float32
+from voicebot.console import step
 from voicebot.errors import ConfigError, StageError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class WhisperTranscriber:
         compute = default_compute if compute_type == "auto" else compute_type
         source = _model_source(model, available_models())
         self.name = Path(source).name if Path(source).is_dir() else model
+        source = _fetch_model(source)
         self.device = resolved
         self.compute_type = compute
         self.beam_size = beam_size
@@ -199,6 +201,43 @@ def max_new_tokens(duration_s: float) -> int:
     """A token budget for ``duration_s`` of speech: ~12 tokens/s (fast Japanese) plus slack,
     within whisper's 448-token context."""
     return min(400, 16 + int(12 * duration_s))
+
+
+_MODEL_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "model.bin",
+    "tokenizer.json",
+    "vocabulary.*",
+]
+"""What faster-whisper itself fetches of a model repository."""
+
+
+def _fetch_model(source: str) -> str:
+    """A local directory for ``source``: the cached copy, else downloaded with a progress bar.
+
+    faster-whisper downloads with huggingface_hub's progress bars switched off, so a first
+    start would sit silent for minutes; we download the same files ourselves, bars on.
+    """
+    if Path(source).is_dir():
+        return source
+    from faster_whisper.utils import _MODELS, download_model
+
+    try:
+        return str(download_model(source, local_files_only=True))
+    except Exception:  # not in the cache yet (huggingface_hub raises several kinds)
+        pass
+    import huggingface_hub
+
+    repo_id = source if _HUB_REPO_ID.fullmatch(source) else _MODELS.get(source, source)
+    step("  STT       downloading whisper %s from the Hugging Face hub (first start)", source)
+    try:
+        return str(huggingface_hub.snapshot_download(repo_id, allow_patterns=_MODEL_FILES))
+    except Exception as e:
+        raise ConfigError(
+            f"cannot download whisper model {source!r} ({e}); check the network, or set "
+            f"{MODEL_SETTING} to a local CTranslate2 model directory"
+        ) from e
 
 
 def _model_source(model: str, size_names: list[str]) -> str:

@@ -95,13 +95,21 @@ def resolve_piper_voice(voice: str, voices_dir: Path, *, download: bool = True) 
             f"Piper voice {voice!r} is not in {voices_dir}; download it or fix {_VOICE_SETTING}"
         )
     try:
-        from piper.download_voices import download_voice
+        from piper.download_voices import URL_FORMAT, VOICE_PATTERN
+
+        from voicebot.downloads import download as fetch
     except ModuleNotFoundError as e:
         raise ConfigError("Piper TTS is not installed: pip install piper-tts") from e
     logger.info("Downloading piper voice %s into %s", voice, voices_dir)
     try:
-        voices_dir.mkdir(parents=True, exist_ok=True)
-        download_voice(voice, voices_dir)
+        # piper's own downloader has no progress bar: same URLs, fetched with one.
+        parts = VOICE_PATTERN.match(voice)
+        if parts is None:
+            raise ValueError("not a voice name like en_US-lessac-medium")
+        lang_code = f"{parts['lang_family']}_{parts['lang_region']}"
+        for extension in (".onnx", ".onnx.json"):
+            url = URL_FORMAT.format(lang_code=lang_code, extension=extension, **parts.groupdict())
+            fetch(url, voices_dir / f"{voice}{extension}", f"piper {voice}{extension}")
     except Exception as e:
         # A partial file would pass the "exists" check next time.
         for leftover in (path, Path(f"{path}.json")):
