@@ -83,6 +83,7 @@ def build_runtime(
                 device=settings.device,
                 compute_type=settings.stt_compute_type,
                 cpu_threads=settings.stt_cpu_threads,
+                short_window=settings.stt_short_window,
             )
         voice = persona.tts_voice
         if settings.tts_voice and persona.tts == "piper":

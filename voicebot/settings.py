@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
     stt_cpu_threads: int = 0
     """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
+    stt_short_window: bool = True
+    """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
+    falling back to the full window when the transcript looks degenerate; off = always the
+    full window [VOICEBOT_STT_SHORT_WINDOW]."""
 
     # --- speech synthesis
     tts_voice: str | None = None
