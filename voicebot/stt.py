@@ -181,6 +181,10 @@ class WhisperTranscriber:
 
         resolved, default_compute = resolve_device(device)
         compute = default_compute if compute_type == "auto" else compute_type
+        if resolved == "cuda":
+            from voicebot import cuda
+
+            cuda.preload()  # cuBLAS/cuDNN from the [gpu] extra's wheels, if installed
         source = _model_source(model, available_models())
         self.name = Path(source).name if Path(source).is_dir() else model
         self.device = resolved
@@ -204,6 +208,14 @@ class WhisperTranscriber:
                 num_workers=num_workers,
             )
         except Exception as e:
+            if resolved == "cuda":
+                from voicebot import cuda
+
+                absent = cuda.missing()
+                if absent:
+                    raise ConfigError(
+                        f"cannot load whisper model {model!r} on CUDA: {cuda.install_hint(absent)}"
+                    ) from e
             raise ConfigError(
                 f"cannot load whisper model {model!r} on {resolved}/{compute}: {e}. "
                 f"Set {MODEL_SETTING} to a faster-whisper size name (tiny, base, small, "
