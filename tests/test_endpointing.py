@@ -27,6 +27,7 @@ from voicebot.endpointing import (
     SmartTurn,
     TurnEndModel,
     last_window,
+    load_turn_end_model,
     log_mel_features,
     smart_turn_model_path,
 )
@@ -179,3 +180,23 @@ def test_wrong_file_is_a_config_error(tmp_path: Path) -> None:
         SmartTurn(fake)
     with pytest.raises(ConfigError, match="not found"):
         SmartTurn(tmp_path / "missing.onnx")
+
+
+def test_load_turn_end_model_choices(
+    smart_turn_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    assert load_turn_end_model("off") is None
+    assert isinstance(load_turn_end_model(str(smart_turn_files / SMART_TURN_FILE)), SmartTurn)
+    with pytest.raises(ConfigError, match="not found"):
+        load_turn_end_model(str(tmp_path / "nothing.onnx"))
+    # The default, offline on first start: silence timing, and a warning that says why.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    caplog.set_level(logging.INFO, logger="voicebot.endpointing")
+    assert load_turn_end_model("smart-turn", tmp_path) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "silence alone" in warnings[0].getMessage()

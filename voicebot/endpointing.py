@@ -77,6 +77,28 @@ def smart_turn_model_path(cache_dir: Path | None = None) -> Path:
     return path
 
 
+def load_turn_end_model(setting: str, cache_dir: Path | None = None) -> SmartTurn | None:
+    """The model ``VOICEBOT_TURN_END_MODEL`` names: "off" (None), "smart-turn" (from the hub,
+    cached) or a local .onnx path.
+
+    The default ("smart-turn") degrades to silence timing with a warning when the model
+    cannot be fetched (offline first start); a path that does not load is a ``ConfigError``.
+    """
+    choice = setting.strip()
+    if choice.lower() in {"", "off", "none"}:
+        return None
+    if choice.lower() == "smart-turn":
+        try:
+            model = SmartTurn(smart_turn_model_path(cache_dir))
+        except ConfigError as e:
+            logger.warning("%s; ending turns on silence alone", e)
+            return None
+    else:
+        model = SmartTurn(Path(choice).expanduser())
+    logger.info("turn-end model %s loaded", model.name)
+    return model
+
+
 class SmartTurn:
     """Smart Turn v3.x on onnxruntime. One instance is shared by every call (the session is
     thread-safe); ``complete_probability`` blocks for ~50 ms, so run it off the audio path."""

@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     """Sustained user speech while the agent talks that stops the agent
     [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
 
+    turn_end_model: str = "smart-turn"
+    """Hears whether the user finished the sentence: "smart-turn" (Smart Turn v3.2, fetched
+    from huggingface.co/pipecat-ai/smart-turn-v3 on first start), a local .onnx path, or "off"
+    for silence timing alone [VOICEBOT_TURN_END_MODEL]."""
+    complete_silence_ms: int = 192
+    """With the turn-end model: silence that ends a turn that sounds finished
+    [VOICEBOT_COMPLETE_SILENCE_MS]."""
+    incomplete_silence_ms: int = 1500
+    """With the turn-end model: silence that ends a turn that sounds unfinished
+    [VOICEBOT_INCOMPLETE_SILENCE_MS]."""
+    turn_end_threshold: float = 0.7
+    """With the turn-end model: probability from which a turn counts as finished
+    [VOICEBOT_TURN_END_THRESHOLD]."""
+
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel (aizuchi) that does not stop
     the agent; 0 = every barge-in stops it [VOICEBOT_BACKCHANNEL_MAX_MS]."""
