@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     """Hears whether the user finished the sentence: "smart-turn" (Smart Turn v3.2, fetched
     from huggingface.co/pipecat-ai/smart-turn-v3 on first start), a local .onnx path, or "off"
     for silence timing alone [VOICEBOT_TURN_END_MODEL]."""
-    complete_silence_ms: int = 192
+    complete_silence_ms: int = 160
     """With the turn-end model: silence that ends a turn that sounds finished
     [VOICEBOT_COMPLETE_SILENCE_MS]."""
     incomplete_silence_ms: int = 1500

@@ -51,13 +51,13 @@ class TurnConfig:
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel: the agent pauses instead of
     stopping, and resumes if it was one (0 = every barge-in stops the agent)."""
-    turn_end_ask_ms: int = 96
+    turn_end_ask_ms: int = 64
     """With a turn-end model: silence after which the model is asked if the turn is over."""
-    complete_silence_ms: int = 192
+    complete_silence_ms: int = 160
     """With a turn-end model: silence that ends a turn the model calls complete."""
     incomplete_silence_ms: int = 1500
     """With a turn-end model: silence that ends a turn the model calls unfinished."""
-    turn_end_threshold: float = 0.5
+    turn_end_threshold: float = 0.7
     """Model probability at or above which the turn counts as complete."""
     turn_end_timeout_ms: int = 300
     """Longest wait for the model's answer once it is needed; then silence timing decides."""
