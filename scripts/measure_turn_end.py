@@ -231,6 +231,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="smart-turn-v3.2-cpu.onnx (default: hub)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/voicebot-turn-end-set"))
+    parser.add_argument(
+        "--defaults-only", action="store_true", help="Only silence 320 ms and the defaults."
+    )
     args = parser.parse_args()
     path = args.model or smart_turn_model_path()
     model = CachedModel(SmartTurn(path))
@@ -250,6 +253,8 @@ def main() -> None:
                 incomplete_silence_ms=1500,
             )
             variants.append((f"model p>={threshold} ask {ask_ms} end {complete_ms}", config, model))
+    if args.defaults_only:
+        variants = [variants[0], ("model, defaults", base, model)]
     print(
         f"{'variant':34s} lang  endpoint p50  p90 ms  (complete n)  "
         + "  ".join(f"cut-in@{p}s" for p in PAUSES_S)
@@ -263,6 +268,7 @@ def main() -> None:
             ]
             endpoints = sorted(o.endpoint_ms for c, o in outcomes if o.endpoint_ms is not None)
             missed = sum(1 for c, o in outcomes if c.pause is None and o.endpoint_ms is None)
+            slow = sum(1 for e in endpoints if e > 500)
             rates = []
             for pause in PAUSES_S:
                 cases = [o for c, o in outcomes if c.name.endswith(f"@{pause}")]
@@ -270,7 +276,7 @@ def main() -> None:
             p90 = endpoints[min(len(endpoints) - 1, int(0.9 * len(endpoints)))]
             print(
                 f"{label:34s} {language:4s}  {statistics.median(endpoints):8.0f}  {p90:8.0f}"
-                f"  ({len(endpoints)}{f', {missed} missed' if missed else ''})     "
+                f"  ({len(endpoints)}, {slow} > 500 ms{f', {missed} missed' if missed else ''})  "
                 + "  ".join(rates)
             )
     if model.times:
