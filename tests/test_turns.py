@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from tests.fakes import EnergyVadStream, silence, tone
@@ -103,12 +105,20 @@ MODEL_CONFIG = TurnConfig(
 
 
 def run_with(
-    model: ScriptedTurnEnd, audio: np.ndarray, config: TurnConfig = MODEL_CONFIG, executor=None
+    model: ScriptedTurnEnd,
+    audio: np.ndarray,
+    config: TurnConfig = MODEL_CONFIG,
+    executor=None,
+    real_time: bool = False,
 ) -> list[UserTurn]:
+    import time
+
     detector = TurnDetector(config, EnergyVadStream(), turn_end=model, executor=executor)
     events: list[object] = []
     for start in range(0, audio.size, 320):
         events += detector.push(audio[start : start + 320])
+        if real_time:
+            time.sleep(0.02)  # 20 ms frames at the pace a call delivers them
     return [e for e in events if isinstance(e, UserTurn)]
 
 
@@ -174,7 +184,7 @@ def test_slow_model_falls_back_to_silence_timing(caplog) -> None:
         turn_end_ask_ms=96,
         complete_silence_ms=192,
         incomplete_silence_ms=1200,
-        turn_end_timeout_ms=50,
+        turn_end_timeout_ms=64,
     )
     with ThreadPoolExecutor(1) as pool:
         turns = run_with(
@@ -183,7 +193,39 @@ def test_slow_model_falls_back_to_silence_timing(caplog) -> None:
         release.set()
     assert len(turns) == 1
     assert abs(_endpoint_ms(turns[0]) - 320) <= 32
-    assert sum("no answer within 50 ms" in r.getMessage() for r in caplog.records) == 1
+    assert sum("no answer within 64 ms" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_late_answer_past_the_short_end_is_still_used() -> None:
+    # The audio outruns a slow model (pushed at once): the decision waits for the answer,
+    # the audio does not, and an answer inside the timeout still ends the turn then.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+
+    class Slow(ScriptedTurnEnd):
+        def complete_probability(self, audio: np.ndarray) -> float:
+            release.wait(5)
+            return 0.9
+
+    config = TurnConfig(
+        turn_end_ask_ms=96,
+        complete_silence_ms=192,
+        incomplete_silence_ms=1200,
+        turn_end_timeout_ms=1000,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        detector = TurnDetector(config, EnergyVadStream(), turn_end=Slow([]), executor=pool)
+        started = time.perf_counter()
+        events = detector.push(np.concatenate([silence(0.5), tone(1.0), silence(0.4)]))
+        assert time.perf_counter() - started < 1.0  # push did not wait for the model
+        assert not [e for e in events if isinstance(e, UserTurn)]
+        release.set()
+        time.sleep(0.05)
+        turns = [e for e in detector.push(silence(0.04)) if isinstance(e, UserTurn)]
+    assert len(turns) == 1 and turns[0].complete_probability == 0.9
+    assert abs(_endpoint_ms(turns[0]) - 448) <= 32  # 0.4 s + 40 ms: ended as soon as known
 
 
 def test_model_runs_on_the_executor_while_audio_flows() -> None:
@@ -200,9 +242,10 @@ def test_model_runs_on_the_executor_while_audio_flows() -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="turn-end") as pool:
         turns = run_with(
             Recording([0.8]),
-            np.concatenate([silence(0.5), tone(1.0), silence(1.0)]),
+            np.concatenate([tone(0.5), silence(0.6)]),
             MODEL_CONFIG,
             pool,
+            real_time=True,
         )
     assert callers and callers[0].startswith("turn-end")
     assert abs(_endpoint_ms(turns[0]) - 192) <= 32

@@ -13,8 +13,10 @@ complete. A complete turn ends ``complete_silence_ms`` after speech, an unfinish
 after ``incomplete_silence_ms``; if the model fails or is late the plain ``end_silence_ms``
 applies. Given an executor, the model runs there (~50 ms on one core) while the audio keeps
 flowing; the detector waits for its answer only if it is still missing at
-``complete_silence_ms``, and then at most ``turn_end_timeout_ms``. Without an executor it runs
-inline (offline measurement and tests, where the result must not depend on timing).
+``complete_silence_ms`` by holding the decision, never the audio: each later window looks
+whether the answer has come, and ``turn_end_timeout_ms`` of audio past the short end without
+one means silence timing decides. Without an executor it runs inline (offline measurement
+and tests, where the result must not depend on timing).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from concurrent.futures import Executor, Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,9 @@ class TurnConfig:
     """With a turn-end model: silence that ends a turn the model calls unfinished."""
     turn_end_threshold: float = 0.7
     """Model probability at or above which the turn counts as complete."""
-    turn_end_timeout_ms: int = 300
-    """Longest wait for the model's answer once it is needed; then silence timing decides."""
+    turn_end_timeout_ms: int = 200
+    """Longest wait (audio time) for the model's answer past ``complete_silence_ms``; then
+    silence timing decides."""
 
     @property
     def release_threshold(self) -> float:
@@ -145,6 +147,7 @@ class TurnDetector:
         self._incomplete_windows = max(
             self._complete_windows, round(config.incomplete_silence_ms / WINDOW_MS)
         )
+        self._timeout_windows = max(1, round(config.turn_end_timeout_ms / WINDOW_MS))
         self._verdict: Future[float] | None = None
         self._probability: float | None = None
         self._reset_utterance()
@@ -251,19 +254,26 @@ class TurnDetector:
         return None
 
     def _silence_limit(self) -> int:
-        """Silent windows that end the turn at this pause."""
+        """Silent windows that end the turn at this pause (never blocks on the model)."""
         if self._turn_end is None:
             return self._end_silence_windows
         if self._silence_run == self._ask_windows and self._verdict is None:
             self._verdict = self._ask(self._turn_end, self._audio())
         if self._limit_windows is None and self._silence_run >= self._complete_windows:
-            self._probability = self._answer()
-            if self._probability is None:
+            if self._verdict is not None and self._verdict.done():
+                self._probability = self._answer(self._verdict)
+                if self._probability is None:
+                    self._limit_windows = self._end_silence_windows
+                elif self._probability >= self._config.turn_end_threshold:
+                    self._limit_windows = self._complete_windows
+                else:
+                    self._limit_windows = self._incomplete_windows
+            elif self._silence_run >= self._complete_windows + self._timeout_windows:
+                logger.warning(
+                    "turn-end model gave no answer within %d ms; ending the turn on silence alone",
+                    self._config.turn_end_timeout_ms,
+                )
                 self._limit_windows = self._end_silence_windows
-            elif self._probability >= self._config.turn_end_threshold:
-                self._limit_windows = self._complete_windows
-            else:
-                self._limit_windows = self._incomplete_windows
         return self._limit_windows if self._limit_windows is not None else self._incomplete_windows
 
     def _ask(self, model: TurnEndModel, audio: Samples) -> Future[float]:
@@ -276,17 +286,10 @@ class TurnDetector:
             done.set_exception(e)
         return done
 
-    def _answer(self) -> float | None:
-        """The model's probability for this pause, None when it failed or was too slow."""
-        if self._verdict is None:
-            return None
+    def _answer(self, verdict: Future[float]) -> float | None:
+        """The finished model call's probability, None when it failed."""
         try:
-            return self._verdict.result(timeout=self._config.turn_end_timeout_ms / 1000)
-        except FutureTimeout:
-            logger.warning(
-                "turn-end model gave no answer within %d ms; ending the turn on silence alone",
-                self._config.turn_end_timeout_ms,
-            )
+            return verdict.result(timeout=0)
         except Exception:
             logger.exception("turn-end model failed; ending the turn on silence alone")
         return None
