@@ -303,3 +303,13 @@ def _corpus_clip(name: str) -> tuple[Samples, int]:
     detector = TurnDetector(TurnConfig(speculative_silence_ms=0), SileroVad().stream())
     turns = [e for e in detector.push(padded) if isinstance(e, UserTurn)]
     return padded[max(0, turns[0].start_sample) : turns[-1].closed_sample], 16000
+
+
+def test_english_only_model_uses_the_short_window_without_a_language(
+    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples], caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="voicebot.stt")
+    assert "parameters" in tiny_en.transcribe(english_speech).lower()
+    assert any("short window" in r.getMessage() for r in caplog.records)

@@ -244,9 +244,8 @@ class WhisperTranscriber:
 
     def transcribe(self, audio: Audio, language: str | None = None) -> str:
         """Text of ``audio`` (any rate, int16 or float32, mono or stereo); blocks."""
-        padding = (
-            self._padding_s.get(_normalise_language(language) or "") if self.short_window else None
-        )
+        lang = _normalise_language(language) if self.multilingual else "en"
+        padding = self._padding_s.get(lang or "") if self.short_window else None
         return self.decode(audio, language, padding_s=padding).text
 
     def decode(
