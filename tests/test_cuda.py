@@ -82,3 +82,38 @@ def test_preload_loads_the_wheel_directories(
 
     cuda.preload(_refuse)
     assert len([r for r in caplog.records if "cannot load CUDA library" in r.getMessage()]) == 3
+
+
+def test_doctor_on_cuda_without_the_libraries_names_them(
+    tiny_en_model_dir: Path, joe_voice_path: Path, tmp_path: Path
+) -> None:
+    """`voicebot doctor --device cuda` as a user runs it, on this machine without CUDA."""
+    import subprocess
+
+    from tests.support_voice import free_port, subprocess_env, voicebot_command
+
+    if any(cuda.wheel_path(library) for library in cuda.REQUIRED):
+        pytest.skip("the [gpu] extra is installed here")
+    proc = subprocess.run(
+        [
+            *voicebot_command(),
+            "doctor",
+            "--device",
+            "cuda",
+            "--stt-model",
+            str(tiny_en_model_dir),
+            "--tts-voice",
+            str(joe_voice_path),
+            "--ollama-host",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode != 0
+    (line,) = [x for x in proc.stdout.splitlines() if "CUDA libraries" in x]
+    assert line.startswith("[MISSING]") and "libcublas.so.12" in line, proc.stdout
+    assert "pip install 'voicebot[gpu]'" in line
