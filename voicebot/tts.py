@@ -259,8 +259,6 @@ JA_OPENERS = (
     "承知いたしました、",
     "申し訳ございません、",
     "恐れ入りますが、",
-    "ありがとうございます。",
-    "少々お待ちください。",
 )
 """Openers a Japanese reply often starts with (they go to TTS alone, see chunking.py);
 synthesized at warm-up so a reply that starts with one sounds at once."""
