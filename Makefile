@@ -46,4 +46,10 @@ bench: install ## voice-to-voice benchmark against the FastRTC cookbook pipeline
 	$(UV) pip install --python $(BIN)/python -q -e '.[ja,test,bench]'
 	$(BIN)/voicebot bench --llm-profile gpu-8b --json out/bench.json --plot out/bench.png
 
-.PHONY: help install run serve lint type check test bench
+bench-gpu: install ## The benchmark on an NVIDIA GPU (STT on CUDA; one pass, ~5 min)
+	$(UV) pip install --python $(BIN)/python -q -e '.[ja,test,bench,gpu]'
+	$(BIN)/voicebot doctor || true  # names a missing CUDA library
+	VOICEBOT_DEVICE=cuda timeout 480 $(BIN)/voicebot bench --repeats 1 --sessions 4 \
+		--llm-profile gpu-8b --json out/bench-gpu.json --plot out/bench-gpu.png
+
+.PHONY: help install run serve lint type check test bench bench-gpu

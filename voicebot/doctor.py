@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voicebot.cuda import Loader
 from voicebot.errors import ConfigError, VoicebotError
 from voicebot.settings import Settings
 
@@ -36,6 +37,18 @@ def _stt_model_present(model: str) -> tuple[bool, str]:
             "or pass --stt-model with a local CTranslate2 directory"
         )
     return True, f"{model} at {path}"
+
+
+def cuda_libraries_check(loader: Loader | None = None) -> Check:
+    """Whether CTranslate2 will find cuBLAS and cuDNN for the GPU, and how to get them."""
+    from voicebot import cuda
+
+    absent = cuda.missing() if loader is None else cuda.missing(loader)
+    if absent:
+        return Check("CUDA libraries", False, cuda.install_hint(absent))
+    return Check(
+        "CUDA libraries", True, ", ".join(library.name for library in cuda.REQUIRED) + " found"
+    )
 
 
 def run_checks(
@@ -67,6 +80,8 @@ def run_checks(
     except (ModuleNotFoundError, VoicebotError) as e:
         yield Check("GPU/CUDA", False, str(e))
         return
+    if gpus or settings.device == "cuda":
+        yield cuda_libraries_check()
 
     model = settings.stt_model or default_model_name(device, persona.language)
     yield Check("STT model", *_stt_model_present(model))

@@ -7,9 +7,11 @@ stream handler; nothing in here is per connection.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from voicebot.endpointing import TurnEndModel
 from voicebot.llm import ChatModel
 from voicebot.personas import Persona
 from voicebot.stt import Transcriber
@@ -40,6 +42,10 @@ class Runtime:
     turn_config: TurnConfig
     default_persona: str
     store: TurnStore | None = None
+    turn_end: TurnEndModel | None = None
+    """Whether the user's turn sounds finished (None: silence timing alone); shared by calls."""
+    turn_end_executor: Executor | None = None
+    """Where ``turn_end`` runs, beside the audio: ``TurnDetector(..., turn_end, executor)``."""
 
     def stack(self, persona_name: str | None) -> PersonaStack:
         """The stack for a persona name, falling back to the default persona."""

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
     stt_cpu_threads: int = 0
     """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
+    stt_short_window: bool = True
+    """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
+    falling back to the full window when the transcript looks degenerate; off = always the
+    full window [VOICEBOT_STT_SHORT_WINDOW]."""
 
     # --- speech synthesis
     tts_voice: str | None = None
@@ -121,6 +125,20 @@ class Settings(BaseSettings):
     bargein_min_speech_ms: int = 160
     """Sustained user speech while the agent talks that stops the agent
     [VOICEBOT_BARGEIN_MIN_SPEECH_MS]."""
+
+    turn_end_model: str = "smart-turn"
+    """Hears whether the user finished the sentence: "smart-turn" (Smart Turn v3.2, fetched
+    from huggingface.co/pipecat-ai/smart-turn-v3 on first start), a local .onnx path, or "off"
+    for silence timing alone [VOICEBOT_TURN_END_MODEL]."""
+    complete_silence_ms: int = 160
+    """With the turn-end model: silence that ends a turn that sounds finished
+    [VOICEBOT_COMPLETE_SILENCE_MS]."""
+    incomplete_silence_ms: int = 1500
+    """With the turn-end model: silence that ends a turn that sounds unfinished
+    [VOICEBOT_INCOMPLETE_SILENCE_MS]."""
+    turn_end_threshold: float = 0.7
+    """With the turn-end model: probability from which a turn counts as finished
+    [VOICEBOT_TURN_END_THRESHOLD]."""
 
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel (aizuchi) that does not stop

@@ -4,6 +4,14 @@ The model is loaded once, in the constructor, and shared by every call; faster-w
 ``WhisperModel`` with ``num_workers > 1`` runs that many transcriptions in parallel from
 different threads. ``transcribe`` blocks (it consumes faster-whisper's lazy segment
 generator), so call it from a worker thread, never on the event loop.
+
+Short window: faster-whisper pads every clip to whisper's 30 s window, so a two-second turn
+costs as much encoder time as a thirty-second one. CTranslate2's whisper ``encode`` and
+``generate`` accept shorter features, so for a language with a measured padding
+(``SHORT_WINDOW_PADDING_S``) the utterance's features plus that much silence are decoded
+instead. Too little padding makes whisper loop or stop early; such a degenerate transcript
+(see ``degenerate_reason``) is thrown away and the clip is transcribed again with the full
+window. This module is the only one that touches faster-whisper's model internals.
 """
 
 from __future__ import annotations
@@ -11,12 +19,16 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from voicebot.audio import Audio, MonoAudio, resample, to_mono_float32
+from voicebot.audio import Audio, MonoAudio, Samples, resample, to_mono_float32
 from voicebot.console import step
 from voicebot.errors import ConfigError, StageError
 
@@ -31,6 +43,23 @@ _INSTALL_HINT = "speech to text needs faster-whisper: pip install faster-whisper
 _UNSPACED_LANGUAGES = frozenset({"ja", "zh", "yue"})
 # "org/name" on the Hugging Face hub, which faster-whisper also accepts.
 _HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+FULL_WINDOW_S = 30.0
+"""whisper's window: what faster-whisper pads every clip to."""
+_FRAMES_PER_S = 100  # whisper's log-mel hop is 10 ms
+SHORT_WINDOW_PADDING_S: Mapping[str, float] = {"en": 1.0, "ja": 3.0}
+"""Silence decoded after the utterance with the short window, per language, chosen with
+``scripts/measure_stt_window.py`` on the bench corpus (docs/benchmarks.md). Languages not
+listed always use the full window."""
+COMPRESSION_RATIO_LIMIT = 2.4
+"""whisper's own threshold: text that gzip shrinks more than this is a repetition loop."""
+_REPEATED_UNITS = (
+    re.compile(r"(.{2,}?)\1{3,}"),  # a short word four times in a row
+    re.compile(r"(.{6,}?)\1{2,}"),  # a longer one three times
+    re.compile(r"(.{15,}?)\1"),  # a phrase or sentence twice
+)
+# Whisper's loops say a word, a phrase or the whole sentence again and again; looked for in
+# the text without case, spaces or punctuation, where "Can you help me? Can you help me"
+# repeats exactly. Legitimate turns almost never do that.
 
 
 class Transcriber(Protocol):
@@ -41,6 +70,45 @@ class Transcriber(Protocol):
     def transcribe(self, audio: MonoAudio, language: str | None = None) -> str:
         """Text of ``audio``; ``language`` is an ISO 639-1 code, None to detect it."""
         ...
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One decoding of a clip, as ``WhisperTranscriber.decode`` returns it."""
+
+    text: str
+    window_s: float
+    """Length of the features decoded: the clip plus padding, or the full 30 s window."""
+    degenerate: str | None = None
+    """Why the short-window transcript was thrown away (None: it was kept, or full window)."""
+    fell_back: bool = False
+    """The text comes from the full window after a degenerate short-window transcript."""
+
+
+def degenerate_reason(text: str, tokens: int, max_tokens: int) -> str | None:
+    """Why ``text`` (``tokens`` long, out of a budget of ``max_tokens``) looks like a whisper
+    failure rather than speech, or None when it looks fine.
+
+    The tests whisper's own temperature fallback uses (compression ratio), plus a direct
+    look for a repeated unit, the token budget running out (a loop that never ends), and
+    an empty transcript (decoding that stopped at once, which too little padding causes;
+    the pipeline only transcribes audio its VAD heard speech in).
+    """
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if tokens >= max_tokens:
+        return "token budget exhausted"
+    encoded = stripped.encode("utf-8")
+    ratio = len(encoded) / len(zlib.compress(encoded))
+    if ratio > COMPRESSION_RATIO_LIMIT:
+        return f"compression ratio {ratio:.2f}"
+    letters = "".join(ch for ch in unicodedata.normalize("NFKC", stripped).lower() if ch.isalnum())
+    for pattern in _REPEATED_UNITS:
+        repeated = pattern.search(letters)
+        if repeated is not None:
+            return f"repeated {repeated.group(1)!r}"
+    return None
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -100,7 +168,11 @@ class WhisperTranscriber:
         cpu_threads: int = 0,
         num_workers: int = 2,
         beam_size: int = 1,
+        short_window: bool = True,
+        short_window_padding_s: Mapping[str, float] = SHORT_WINDOW_PADDING_S,
     ) -> None:
+        """``short_window``: decode only the utterance plus ``short_window_padding_s`` of
+        silence for the languages that table names (the module docstring says why)."""
         try:
             from faster_whisper import WhisperModel, available_models
         except ModuleNotFoundError as e:
@@ -110,12 +182,23 @@ class WhisperTranscriber:
 
         resolved, default_compute = resolve_device(device)
         compute = default_compute if compute_type == "auto" else compute_type
+        if resolved == "cuda":
+            from voicebot import cuda
+
+            cuda.preload()  # cuBLAS/cuDNN from the [gpu] extra's wheels, if installed
         source = _model_source(model, available_models())
         self.name = Path(source).name if Path(source).is_dir() else model
         source = _fetch_model(source)
         self.device = resolved
         self.compute_type = compute
         self.beam_size = beam_size
+        self.short_window = short_window
+        self._padding_s = dict(short_window_padding_s)
+        for lang, padding in self._padding_s.items():
+            if not 0.0 <= padding < FULL_WINDOW_S:
+                raise ConfigError(
+                    f"short-window padding for {lang!r} must be within 0-30 s, got {padding}"
+                )
         self._warned_language = False
         started = time.perf_counter()
         try:
@@ -127,6 +210,14 @@ class WhisperTranscriber:
                 num_workers=num_workers,
             )
         except Exception as e:
+            if resolved == "cuda":
+                from voicebot import cuda
+
+                absent = cuda.missing()
+                if absent:
+                    raise ConfigError(
+                        f"cannot load whisper model {model!r} on CUDA: {cuda.install_hint(absent)}"
+                    ) from e
             raise ConfigError(
                 f"cannot load whisper model {model!r} on {resolved}/{compute}: {e}. "
                 f"Set {MODEL_SETTING} to a faster-whisper size name (tiny, base, small, "
@@ -155,9 +246,22 @@ class WhisperTranscriber:
 
     def transcribe(self, audio: Audio, language: str | None = None) -> str:
         """Text of ``audio`` (any rate, int16 or float32, mono or stereo); blocks."""
+        lang = _normalise_language(language) if self.multilingual else "en"
+        padding = self._padding_s.get(lang or "") if self.short_window else None
+        return self.decode(audio, language, padding_s=padding).text
+
+    def decode(
+        self, audio: Audio, language: str | None = None, *, padding_s: float | None = None
+    ) -> WindowResult:
+        """Transcribe ``audio`` with ``padding_s`` of silence after it (None: whisper's full
+        30 s window). A degenerate short-window transcript is redone with the full window.
+
+        A clip whose language is to be detected, or that is too long to gain anything,
+        uses the full window whatever ``padding_s`` says.
+        """
         rate, samples = to_mono_float32(audio)
         if samples.shape[-1] < MIN_AUDIO_S * rate:
-            return ""
+            return WindowResult("", 0.0)
         samples = resample(samples, rate, WHISPER_SAMPLE_RATE)
         lang = _normalise_language(language)
         if not self.multilingual:
@@ -165,7 +269,68 @@ class WhisperTranscriber:
                 self._warned_language = True  # once, not every turn
                 logger.warning("whisper %s is English-only; ignoring language %r", self.name, lang)
             lang = "en"
+        duration = samples.shape[-1] / WHISPER_SAMPLE_RATE
         started = time.perf_counter()
+        if padding_s is not None and lang is not None and duration + padding_s < FULL_WINDOW_S:
+            text, degenerate = self._decode_short(samples, lang, padding_s)
+            if degenerate is None:
+                logger.debug(
+                    "stt %s: %.2f s audio in %.2f s (short window +%.1f s), language=%s",
+                    self.name,
+                    duration,
+                    time.perf_counter() - started,
+                    padding_s,
+                    lang,
+                )
+                return WindowResult(text, duration + padding_s)
+            logger.info(
+                "stt %s: short-window transcript degenerate (%s); transcribing again with the "
+                "full window",
+                self.name,
+                degenerate,
+            )
+            full = self._decode_full(samples, lang, started)
+            return WindowResult(full, FULL_WINDOW_S, degenerate=degenerate, fell_back=True)
+        return WindowResult(self._decode_full(samples, lang, started), FULL_WINDOW_S)
+
+    def _decode_short(
+        self, samples: Samples, lang: str, padding_s: float
+    ) -> tuple[str, str | None]:
+        """(text, why it is degenerate or None) from the utterance's features plus padding."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        budget = max_new_tokens(samples.shape[-1] / WHISPER_SAMPLE_RATE)
+        try:
+            # The same features faster-whisper computes (its last frame dropped, as it does),
+            # zero-padded like its 30 s window but only by padding_s.
+            features = self._model.feature_extractor(samples)[..., :-1]
+            frames = min(
+                features.shape[-1] + round(padding_s * _FRAMES_PER_S),
+                int(FULL_WINDOW_S * _FRAMES_PER_S),
+            )
+            features = pad_or_trim(features, frames)
+            tokenizer = Tokenizer(
+                self._model.hf_tokenizer, self.multilingual, task="transcribe", language=lang
+            )
+            prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+            encoded = self._model.encode(features)
+            result = self._model.model.generate(
+                encoded,
+                [prompt],
+                beam_size=self.beam_size,
+                max_length=len(prompt) + budget,
+                suppress_blank=True,
+                suppress_tokens=get_suppressed_tokens(tokenizer, (-1,)),
+            )[0]
+            tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+            text = str(tokenizer.decode(tokens)).strip()
+        except Exception as e:
+            raise StageError("stt", f"whisper {self.name} failed: {e}") from e
+        return text, degenerate_reason(text, len(tokens), budget)
+
+    def _decode_full(self, samples: Samples, lang: str | None, started: float) -> str:
         try:
             segments, info = self._model.transcribe(
                 samples,

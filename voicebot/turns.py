@@ -6,17 +6,33 @@ clock, so it is exact and testable; the stream handler maps sample positions to 
 Compared with FastRTC's ReplyOnPause, which looks for a pause every 0.6 s, every window is
 decided as it arrives: a turn ends ``end_silence_ms`` after the last voiced window, and a
 barge-in is reported ``bargein_min_speech_ms`` into the interrupting speech, not after it.
+
+With a turn-end model (``endpointing.TurnEndModel``), silence timing depends on what was said:
+the model is asked once per pause, ``turn_end_ask_ms`` into it, whether the turn sounds
+complete. A complete turn ends ``complete_silence_ms`` after speech, an unfinished one only
+after ``incomplete_silence_ms``; if the model fails or is late the plain ``end_silence_ms``
+applies. Given an executor, the model runs there (~50 ms on one core) while the audio keeps
+flowing; the detector waits for its answer only if it is still missing at
+``complete_silence_ms`` by holding the decision, never the audio: each later window looks
+whether the answer has come, and ``turn_end_timeout_ms`` of audio past the short end without
+one means silence timing decides. Without an executor it runs inline (offline measurement
+and tests, where the result must not depend on timing).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from voicebot.audio import Samples
+from voicebot.endpointing import TurnEndModel
 from voicebot.vad import VAD_SAMPLE_RATE, WINDOW_SAMPLES, VadStream
+
+logger = logging.getLogger(__name__)
 
 WINDOW_MS = WINDOW_SAMPLES * 1000 / VAD_SAMPLE_RATE
 
@@ -36,6 +52,17 @@ class TurnConfig:
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel: the agent pauses instead of
     stopping, and resumes if it was one (0 = every barge-in stops the agent)."""
+    turn_end_ask_ms: int = 64
+    """With a turn-end model: silence after which the model is asked if the turn is over."""
+    complete_silence_ms: int = 160
+    """With a turn-end model: silence that ends a turn the model calls complete."""
+    incomplete_silence_ms: int = 1500
+    """With a turn-end model: silence that ends a turn the model calls unfinished."""
+    turn_end_threshold: float = 0.7
+    """Model probability at or above which the turn counts as complete."""
+    turn_end_timeout_ms: int = 200
+    """Longest wait (audio time) for the model's answer past ``complete_silence_ms``; then
+    silence timing decides."""
 
     @property
     def release_threshold(self) -> float:
@@ -80,6 +107,8 @@ class UserTurn:
     """Where the turn was closed (speech end + silence, or the length cap)."""
     truncated: bool = False
     """Cut at the maximum utterance length."""
+    complete_probability: float | None = None
+    """The turn-end model's answer at the last pause (None: no model, or it failed)."""
 
 
 TurnEvent = SpeechStarted | BargeIn | EndCandidate | UserTurn
@@ -88,9 +117,19 @@ TurnEvent = SpeechStarted | BargeIn | EndCandidate | UserTurn
 class TurnDetector:
     """Feed 16 kHz mono float32 audio; get turn events back."""
 
-    def __init__(self, config: TurnConfig, vad: VadStream) -> None:
+    def __init__(
+        self,
+        config: TurnConfig,
+        vad: VadStream,
+        turn_end: TurnEndModel | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """``turn_end``: the optional turn-end model; ``executor``: where it runs (None: inline,
+        blocking ``push``)."""
         self._config = config
         self._vad = vad
+        self._turn_end = turn_end
+        self._executor = executor
         self._pending = np.zeros(0, dtype=np.float32)
         self._sample = 0  # samples consumed by the VAD so far
         pre_roll_windows = max(1, round(config.pre_roll_ms / WINDOW_MS))
@@ -101,6 +140,16 @@ class TurnDetector:
         spec = config.speculative_silence_ms
         self._speculative_windows = round(spec / WINDOW_MS) if spec > 0 else 0
         self._max_windows = max(1, int(config.max_utterance_s * 1000 / WINDOW_MS))
+        self._ask_windows = max(1, round(config.turn_end_ask_ms / WINDOW_MS))
+        self._complete_windows = max(
+            self._ask_windows, round(config.complete_silence_ms / WINDOW_MS)
+        )
+        self._incomplete_windows = max(
+            self._complete_windows, round(config.incomplete_silence_ms / WINDOW_MS)
+        )
+        self._timeout_windows = max(1, round(config.turn_end_timeout_ms / WINDOW_MS))
+        self._verdict: Future[float] | None = None
+        self._probability: float | None = None
         self._reset_utterance()
 
     def _reset_utterance(self) -> None:
@@ -114,6 +163,14 @@ class TurnDetector:
         self._last_voiced_end = 0
         self._bargein_sent = False
         self._candidate_sent = False
+        self._forget_verdict()
+
+    def _forget_verdict(self) -> None:
+        if self._verdict is not None:
+            self._verdict.cancel()  # the user went on: the answer is about an old pause
+        self._verdict = None
+        self._probability = None
+        self._limit_windows: int | None = None  # decided silence limit for this pause
 
     @property
     def speaking(self) -> bool:
@@ -169,6 +226,7 @@ class TurnDetector:
             self._voiced_total += 1
             self._silence_run = 0
             self._candidate_sent = False
+            self._forget_verdict()
             self._last_voiced_end = self._sample
             event = self._maybe_started(agent_speaking)
             if event is None and len(self._windows) >= self._max_windows and self._started:
@@ -182,7 +240,7 @@ class TurnDetector:
             if self._silence_run >= self._end_silence_windows:
                 self._discard()
             return None
-        if self._silence_run >= self._end_silence_windows:
+        if self._silence_run >= self._silence_limit():
             return self._close(truncated=False)
         if len(self._windows) >= self._max_windows:
             return self._close(truncated=True)
@@ -193,6 +251,47 @@ class TurnDetector:
         ):
             self._candidate_sent = True
             return EndCandidate(self._audio(), self._last_voiced_end)
+        return None
+
+    def _silence_limit(self) -> int:
+        """Silent windows that end the turn at this pause (never blocks on the model)."""
+        if self._turn_end is None:
+            return self._end_silence_windows
+        if self._silence_run == self._ask_windows and self._verdict is None:
+            self._verdict = self._ask(self._turn_end, self._audio())
+        if self._limit_windows is None and self._silence_run >= self._complete_windows:
+            if self._verdict is not None and self._verdict.done():
+                self._probability = self._answer(self._verdict)
+                if self._probability is None:
+                    self._limit_windows = self._end_silence_windows
+                elif self._probability >= self._config.turn_end_threshold:
+                    self._limit_windows = self._complete_windows
+                else:
+                    self._limit_windows = self._incomplete_windows
+            elif self._silence_run >= self._complete_windows + self._timeout_windows:
+                logger.warning(
+                    "turn-end model gave no answer within %d ms; ending the turn on silence alone",
+                    self._config.turn_end_timeout_ms,
+                )
+                self._limit_windows = self._end_silence_windows
+        return self._limit_windows if self._limit_windows is not None else self._incomplete_windows
+
+    def _ask(self, model: TurnEndModel, audio: Samples) -> Future[float]:
+        if self._executor is not None:
+            return self._executor.submit(model.complete_probability, audio)
+        done: Future[float] = Future()
+        try:
+            done.set_result(model.complete_probability(audio))
+        except Exception as e:  # reported by _answer, like an executor's failure
+            done.set_exception(e)
+        return done
+
+    def _answer(self, verdict: Future[float]) -> float | None:
+        """The finished model call's probability, None when it failed."""
+        try:
+            return verdict.result(timeout=0)
+        except Exception:
+            logger.exception("turn-end model failed; ending the turn on silence alone")
         return None
 
     def _maybe_started(self, agent_speaking: bool) -> TurnEvent | None:
@@ -220,6 +319,7 @@ class TurnDetector:
             speech_end_sample=self._last_voiced_end,
             closed_sample=self._sample,
             truncated=truncated,
+            complete_probability=self._probability,
         )
         self._reset_utterance()
         return turn

@@ -58,7 +58,8 @@ def _setup(language: str, options: BenchOptions, settings: Settings, host: str) 
     persona = options.personas.get(language)
     if persona is None:
         raise ConfigError(f"no persona for language {language!r}: use en or ja")
-    update: dict[str, object] = {"persona": persona, "ollama_host": host, "device": "cpu"}
+    device = "cpu" if settings.device == "auto" else settings.device  # VOICEBOT_DEVICE=cuda
+    update: dict[str, object] = {"persona": persona, "ollama_host": host, "device": device}
     if language == "ja":
         model = options.stt_model_ja or base_multilingual_model(settings.cache_dir)
         if model is None:
