@@ -280,7 +280,7 @@ def test_a_tool_that_raises_apologizes_once_and_stores_nothing(desk, persona, ca
         d.toolset, context=dataclasses.replace(d.toolset.context, reservations=None)
     )
     d.loop.toolset = d.toolset
-    events, spoken, calls = d.say("yes")
+    _, spoken, calls = d.say("yes")
     assert calls[0].error == "failed" and "no reservation book is configured" in calls[0].result
     assert spoken == persona.tool_apology
     assert len(d.server.chat_requests()) == 1
