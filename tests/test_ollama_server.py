@@ -17,9 +17,13 @@ import pytest
 
 from voicebot.ollama_server import (
     PROFILES,
+    ConversationScript,
     LlmProfile,
     OllamaProtocolServer,
+    Rule,
     Script,
+    ScriptedReply,
+    ScriptedToolCall,
     echo_reply,
     tokenize,
 )
@@ -284,3 +288,114 @@ def test_runs_as_a_standalone_process():
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# -- tool calls ---------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "check_availability",
+            "description": "Check a table.",
+            "parameters": {
+                "type": "object",
+                "properties": {"date": {"type": "string"}, "party_size": {"type": "integer"}},
+                "required": ["date", "party_size"],
+            },
+        },
+    }
+]
+CHECK = ScriptedToolCall("check_availability", {"date": "2026-12-05", "party_size": 2})
+
+
+def tool_server(reply: ScriptedReply) -> OllamaProtocolServer:
+    return OllamaProtocolServer("instant", script=ConversationScript([], default=reply))
+
+
+def test_tool_calls_stream_like_ollama():
+    with tool_server(ScriptedReply("Let me check.", (CHECK,))) as srv:
+        body = chat_body("a table", tools=TOOLS)
+        with httpx.stream("POST", srv.base_url + "/api/chat", json=body) as r:
+            lines = [json.loads(line) for line in r.iter_lines()]
+        recorded = srv.chat_requests()[0]
+    *parts, calls, final = lines
+    assert "".join(p["message"]["content"] for p in parts) == "Let me check."
+    assert calls["done"] is False and calls["message"]["content"] == ""
+    assert calls["message"]["tool_calls"] == [
+        {
+            "function": {
+                "name": "check_availability",
+                "arguments": {"date": "2026-12-05", "party_size": 2},
+            }
+        }
+    ]
+    assert isinstance(calls["message"]["tool_calls"][0]["function"]["arguments"], dict)
+    assert final["done"] is True and "tool_calls" not in final["message"]
+    assert recorded.tools == TOOLS and recorded.tool_calls == calls["message"]["tool_calls"]
+
+
+def test_tool_calls_only_when_tools_are_offered():
+    with tool_server(ScriptedReply("Let me check.", (CHECK,))) as srv:
+        lines = [
+            json.loads(line)
+            for line in httpx.post(srv.base_url + "/api/chat", json=chat_body()).text.splitlines()
+        ]
+        assert all("tool_calls" not in line["message"] for line in lines)
+        single = httpx.post(
+            srv.base_url + "/api/chat", json=chat_body(stream=False, tools=TOOLS)
+        ).json()
+        assert single["message"]["tool_calls"][0]["function"]["name"] == "check_availability"
+
+
+def test_the_real_client_parses_tool_calls_and_sends_tool_messages():
+    script = ConversationScript(
+        [
+            Rule(ScriptedReply("", (CHECK,)), user="table"),
+            Rule("Free at seven.", after_tool="check_availability", result_contains="available"),
+            Rule("Full, sorry.", after_tool="check_availability"),
+        ]
+    )
+    with OllamaProtocolServer("instant", script=script) as srv:
+        client = ollama.Client(host=srv.base_url, timeout=5)
+        parts = list(
+            client.chat("m", [{"role": "user", "content": "A table?"}], tools=TOOLS, stream=True)
+        )
+        calls = [c for p in parts for c in p.message.tool_calls or []]
+        assert calls[0].function.name == "check_availability"
+        assert calls[0].function.arguments == {"date": "2026-12-05", "party_size": 2}
+        history = [
+            {"role": "user", "content": "A table?"},
+            {"role": "assistant", "content": "", "tool_calls": [calls[0].model_dump()]},
+        ]
+        for result, answer in (("available: 19:00", "Free at seven."), ("full", "Full, sorry.")):
+            tool = {"role": "tool", "content": result, "tool_name": "check_availability"}
+            reply = client.chat("m", [*history, tool], tools=TOOLS, stream=False)
+            assert reply.message.content == answer
+        # Without tool_name (older servers), the tool is the last call's.
+        reply = client.chat("m", [*history, {"role": "tool", "content": "full"}], stream=False)
+        assert reply.message.content == "Full, sorry."
+        recorded = srv.chat_requests()[1].messages
+    assert recorded[-1] == {
+        "role": "tool",
+        "content": "available: 19:00",
+        "tool_name": "check_availability",
+    }
+    assert recorded[-2]["tool_calls"][0]["function"]["name"] == "check_availability"
+
+
+def test_conversation_script_rules():
+    rules = [
+        Rule("booked reply", after_tool="create", result_contains="booked"),
+        Rule("hello reply", user="HELLO"),
+        Rule("anything"),
+    ]
+    script = ConversationScript(rules)
+    user = [{"role": "user", "content": "well, hello"}]
+    assert script.reply(user) == "hello reply"
+    tool = [*user, {"role": "tool", "content": "Booked: yes", "tool_name": "create"}]
+    assert script.reply(tool) == "booked reply"
+    assert script.reply([*user, {"role": "tool", "content": "no", "tool_name": "create"}]) == (
+        "anything"
+    )
+    assert ConversationScript([]).reply(user) == echo_reply("well, hello")
