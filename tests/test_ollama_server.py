@@ -399,3 +399,55 @@ def test_conversation_script_rules():
         "anything"
     )
     assert ConversationScript([]).reply(user) == echo_reply("well, hello")
+
+
+def test_json_script_on_the_command_line(tmp_path):
+    script = {
+        "rules": [
+            {
+                "user": "table",
+                "tool_calls": [{"name": "check_availability", "arguments": {"party_size": 2}}],
+            },
+            {"after_tool": "check_availability", "text": "We have one."},
+        ],
+        "default": "Sorry?",
+    }
+    parsed = ConversationScript.from_json(script)
+    assert parsed.rules[0].reply == ScriptedReply(
+        "", (ScriptedToolCall("check_availability", {"party_size": 2}),)
+    )
+    with pytest.raises(ValueError, match="not a conversation script"):
+        ConversationScript.from_json({"rules": [{"tool_calls": [{"arguments": {}}]}]})
+    path = tmp_path / "script.json"
+    path.write_text(json.dumps(script))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "voicebot.ollama_server", "--profile", "instant"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--script", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = ollama.Client(f"http://127.0.0.1:{port}", timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reply = client.chat(
+                    "m", [{"role": "user", "content": "a table"}], tools=TOOLS, stream=False
+                )
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert reply.message.tool_calls[0].function.arguments == {"party_size": 2}
+        assert client.chat("m", [{"role": "user", "content": "hm"}]).message.content == "Sorry?"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    run = subprocess.run([*cmd, "--script", str(bad)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "bad.json" in run.stderr

@@ -221,3 +221,10 @@ async def _api_checks(restaurant, cid, pg_dsn):
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/api/reservations")).status_code == 503
+
+
+def test_a_book_with_its_own_pool(pg_dsn, restaurant):
+    with ReservationBook.connect(pg_dsn) as own:
+        assert take(own, restaurant).created
+        assert own.seats_taken(restaurant, DAY) == {AT: 2}
+    assert own.pool.closed

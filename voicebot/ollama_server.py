@@ -180,6 +180,45 @@ class ConversationScript(Script):
         self.rules = list(rules)
         self.default = default
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConversationScript:
+        """A script from JSON (``--script FILE``)::
+
+            {"rules": [{"user": "table", "text": "", "tool_calls":
+                        [{"name": "check_availability", "arguments": {...}}]},
+                       {"after_tool": "check_availability", "result_contains": "available",
+                        "text": "We have a table."}],
+             "default": "Sorry?"}
+
+        Raises ValueError for anything else.
+        """
+
+        def reply(item: Mapping[str, Any]) -> ScriptedReply:
+            calls = item.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise ValueError("tool_calls must be a list")
+            return ScriptedReply(
+                str(item.get("text") or ""),
+                tuple(ScriptedToolCall(str(c["name"]), c.get("arguments", {})) for c in calls),
+            )
+
+        try:
+            rules = [
+                Rule(
+                    reply(item),
+                    user=item.get("user"),
+                    after_tool=item.get("after_tool"),
+                    result_contains=item.get("result_contains"),
+                )
+                for item in data.get("rules") or []
+            ]
+            default = data.get("default")
+            return cls(
+                rules, default if default is None or isinstance(default, str) else reply(default)
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a conversation script: {e!r}") from e
+
     def reply(self, messages: Sequence[Mapping[str, Any]]) -> str | ScriptedReply:
         for rule in self.rules:
             if rule.matches(messages):
@@ -824,9 +863,14 @@ def _keep_alive_seconds(value: str | float | None) -> float:
     return float(match.group(1)) * scale
 
 
-def serve(profile: LlmProfile | str = "gpu-8b", host: str = "127.0.0.1", port: int = 11434) -> None:
+def serve(
+    profile: LlmProfile | str = "gpu-8b",
+    host: str = "127.0.0.1",
+    port: int = 11434,
+    script: Script | None = None,
+) -> None:
     """Run the server in the foreground until interrupted."""
-    server = OllamaProtocolServer(profile, host=host, port=port)
+    server = OllamaProtocolServer(profile, host=host, port=port, script=script)
     url = server.start()
     logger.info("serving Ollama's API at %s; Ctrl-C stops", url)
     try:
@@ -844,9 +888,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu-8b")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument(
+        "--script", help="JSON conversation script (see ConversationScript.from_json)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serve(cast(str, args.profile), args.host, args.port)
+    script = None
+    if args.script:
+        try:
+            with open(args.script, encoding="utf-8") as f:
+                script = ConversationScript.from_json(json.load(f))
+        except (OSError, ValueError) as e:
+            parser.error(f"--script {args.script}: {e}")
+    serve(cast(str, args.profile), args.host, args.port, script)
 
 
 __all__ = [

@@ -128,6 +128,35 @@ class ReservationBook:
         self.connect_timeout_s = connect_timeout_s
         self.lock_timeout_s = lock_timeout_s
 
+    @classmethod
+    def connect(cls, dsn: str, *, max_size: int = 4, **kwargs: Any) -> ReservationBook:
+        """A book with a pool of its own (opened without waiting; ``close()`` closes it)."""
+        pool: ConnectionPool[Any] = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            kwargs={"connect_timeout": 3},
+            name="voicebot-reservations",
+        )
+        pool.open(wait=False)
+        book = cls(pool, **kwargs)
+        book._owns_pool = True
+        return book
+
+    _owns_pool = False
+
+    def close(self) -> None:
+        """Close the pool if ``connect`` made it (a pool passed in stays open)."""
+        if self._owns_pool:
+            self.pool.close()
+
+    def __enter__(self) -> ReservationBook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def seats_taken(self, restaurant: str, day: date) -> dict[time, int]:
         """Guests booked per slot on ``day`` (slots with no booking are absent)."""
         try:
