@@ -14,6 +14,8 @@ message that held the calls, and the model's continuation streams on.
   ``cancelled``), so a booking not yet committed is rolled back and one that committed stays
   whole. ``ToolReply.tool_calls`` keeps every call, cancelled ones included, for the turn log.
 - At most ``max_rounds`` rounds of tool calls per reply; the round after that offers no tools.
+- The model failing raises ``StageError("llm", ...)`` out of the iteration, as
+  ``OllamaChat.stream`` does; the calls made so far stay in ``ToolReply.tool_calls``.
 """
 
 from __future__ import annotations
@@ -144,9 +146,10 @@ class ToolLoop:
                 return
             if not offered:
                 logger.warning(
-                    "model still calling tools after %d rounds (%s); ending the reply",
-                    self.max_rounds,
+                    "model called tools that were not offered (%s) after %d tool rounds; "
+                    "ending the reply",
                     ", ".join(c.name for c in calls),
+                    round_,
                 )
                 return
             history.append(AssistantToolCalls("".join(text), tuple(calls)))
