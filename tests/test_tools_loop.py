@@ -394,3 +394,31 @@ def test_time_passes_in_the_personas_zone(desk, pg_dsn, persona):
     _, _, calls = d.say("book it")
     assert calls[0].result.startswith("not booked: 2026-12-04 is in the past")
     assert stored(pg_dsn, persona) == []
+
+
+def test_speakable_chunks_play_the_words_before_a_tool_and_the_filler(persona, executor):
+    from voicebot.chunking import Chunker
+    from voicebot.tools.speech import speakable
+
+    script = ConversationScript(
+        [
+            Rule(ScriptedReply("Let me see", (ScriptedToolCall("slow_lookup"),)), user="look"),
+            Rule("It is sunny today. Anything else?", after_tool="slow_lookup"),
+        ]
+    )
+    with OllamaProtocolServer("instant", script=script) as server:
+        with make_client(server.base_url, timeout_s=5.0) as client:
+            context = bind_tools(persona, uuid.uuid4(), clock=lambda: NOW).context
+            tools = Toolset({"slow_lookup": slow_tool(0.4, timeout_s=2)}, context)
+            loop = ToolLoop(OllamaChat(client, "m"), tools, executor=executor, filler_after_s=0.2)
+            activity = []
+            reply = loop.reply([Message("user", "look it up")])
+            chunks = list(speakable(reply, Chunker(language="en"), activity.append))
+    assert chunks == [
+        "Let me see",
+        "One moment, I'll check.",
+        "It is sunny today.",
+        "Anything else?",
+    ]
+    assert [type(a) for a in activity] == [ToolStarted, ToolFinished]
+    assert activity[1].record.result == "done" and reply.tool_calls == [activity[1].record]
