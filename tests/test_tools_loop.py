@@ -422,3 +422,28 @@ def test_speakable_chunks_play_the_words_before_a_tool_and_the_filler(persona, e
     ]
     assert [type(a) for a in activity] == [ToolStarted, ToolFinished]
     assert activity[1].record.result == "done" and reply.tool_calls == [activity[1].record]
+
+
+def test_find_and_cancel_tools(persona, book, pg_dsn):
+    from voicebot.reservations import tools as desk_tools
+
+    ctx = bind_tools(persona, uuid.uuid4(), reservations=book, clock=lambda: NOW).context
+    booked = desk_tools.create_reservation(ctx, desk_tools.CreateArgs(**BOOKING))
+    assert booked.startswith("booked: Tanaka, 2 people at 19:00 on 2026-12-05 (Saturday)")
+    found = desk_tools.find_reservation(ctx, desk_tools.FindArgs(name="tanaka"))
+    assert found.startswith("found: Tanaka, 2 people at 19:00 on 2026-12-05")
+    wrong = desk_tools.cancel_reservation(
+        ctx, desk_tools.CancelArgs(name="Tanaka", date="2026-12-05", time="20:00")
+    )
+    assert wrong.startswith("not cancelled: no booking under Tanaka at 20:00")
+    done = desk_tools.cancel_reservation(ctx, desk_tools.CancelArgs(name="Tanaka", **SLOT))
+    assert done.startswith("cancelled: Tanaka")
+    assert desk_tools.find_reservation(ctx, desk_tools.FindArgs(name="Tanaka")) == (
+        "no upcoming booking under the name Tanaka"
+    )
+    with psycopg.connect(pg_dsn) as conn:
+        (cancelled_at,) = conn.execute(
+            "SELECT cancelled_at FROM reservations WHERE restaurant = %s",
+            (persona.restaurant.name,),
+        ).fetchone()
+    assert cancelled_at is not None  # kept, marked cancelled
