@@ -40,8 +40,8 @@ def test_migrations_are_idempotent(pg_fresh_dsn: str) -> None:
         assert migrations.migrate(conn) == [m.version for m in migrations.available()]
         assert migrations.migrate(conn) == []
         rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
+    assert rows[:3] == [(1, "init"), (2, "llm_first_chunk"), (3, "reservations_tool_calls")]
     assert rows == [(m.version, m.name) for m in migrations.available()]
-    assert rows[:2] == [(1, "init"), (2, "llm_first_chunk")]
 
 
 def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:

@@ -260,7 +260,7 @@ class Caller:
 
     def final_turns(self) -> list[dict[str, Any]]:
         """This call's finished turns (the greeting, sequence 0, left out)."""
-        return [u["turn"] for u in self.updates if u["final"] and u["turn"]["sequence"] > 0]
+        return [u["turn"] for u in self.updates if u["final"] and u["turn"]["turn"] > 0]
 
     def conversation_id(self) -> str | None:
         for update in self.updates:
@@ -473,7 +473,7 @@ def test_sse_on_one_replica_streams_a_call_held_on_the_other(
     assert seen, f"replica {other.name} streamed nothing\n{cluster.logs()}"
     turn = seen[-1]
     assert turn["conversation_id"] == conversation
-    assert turn["sequence"] == 2
+    assert turn["turn"] == 2
     assert "Paris" in turn["assistant_text"]
 
 

@@ -122,7 +122,7 @@ def test_japanese_call_transcribes_answers_and_chunks_at_japanese_boundaries(
         calls.append((call, result))
     records = [turn_record(t) for t in turns]
     print("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    assert [r["sequence"] for r in records] == [1, 2]
+    assert [r["turn"] for r in records] == [1, 2]
 
     one, two = turns
     for turn in (one, two):

@@ -364,7 +364,7 @@ def test_sse_follows_a_call_simulated_in_another_process(
         # the same turns, with timings, from the turn log's API
         with httpx.Client(base_url=live.http, timeout=30) as http:
             detail = http.get(f"/api/conversations/{cid}").json()
-            assert [t["sequence"] for t in detail["turns"]][:2] == [1, 2]
+            assert [t["turn"] for t in detail["turns"]][:2] == [1, 2]
             assert detail["turns"][0]["timings"]["stt_ms"] is not None
             assert detail["channel"] == "simulate"
             listed = http.get("/api/conversations", params={"limit": 50}).json()
@@ -398,7 +398,7 @@ def test_call_events_stream_the_callers_own_turns(tmp_path: Path) -> None:
                             kind = line[7:]
                         elif line.startswith("data: ") and kind == "turn":
                             updates.append(json.loads(line[6:]))
-                            if updates[-1]["final"] and updates[-1]["turn"]["sequence"]:
+                            if updates[-1]["final"] and updates[-1]["turn"]["turn"]:
                                 break  # the caller's turn (the greeting is sequence 0)
                     speaking.cancel()
                 await caller.stop()

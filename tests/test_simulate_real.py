@@ -149,7 +149,7 @@ def test_cli_simulate_answers_is_interrupted_and_prints_documented_json(
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print("\n".join(json.dumps(r) for r in records))  # the figures, for the report
-    assert [r["sequence"] for r in records] == [1, 2, 3], proc.stdout
+    assert [r["turn"] for r in records] == [1, 2, 3], proc.stdout
     assert DOCUMENTED_TIMINGS <= TIMING_KEYS
     for record in records:
         assert set(record) == RECORD_KEYS
@@ -226,7 +226,7 @@ def test_ollama_down_error_midstream_and_slow_each_leave_the_call_working(
         ollama.fault = "ok"
     records = [turn_record(t) for t in result.turns]
     print("\n".join(json.dumps(r) for r in records))
-    assert [r["sequence"] for r in records] == [1, 2, 3, 4], records
+    assert [r["turn"] for r in records] == [1, 2, 3, 4], records
 
     down, restarted, midstream, slow = records
     assert down["assistant_text"] == apology

@@ -336,14 +336,14 @@ def test_follow_in_another_process(pg_dsn: str, tmp_path: Path) -> None:
         threading.Thread(target=_read_lines, args=(follower, lines), daemon=True).start()
         try:
             first = json.loads(lines.get(timeout=_FOLLOW_TIMEOUT_S))  # backlog: it is listening
-            assert first["sequence"] == 1
+            assert first["turn"] == 1
             for seq in (2, 3, 4):
                 store.record(make_turn(cid, seq))
             got = [json.loads(lines.get(timeout=_FOLLOW_TIMEOUT_S)) for _ in range(3)]
         finally:
             follower.terminate()
             follower.wait(10)
-    assert [g["sequence"] for g in got] == [2, 3, 4]
+    assert [g["turn"] for g in got] == [2, 3, 4]
     assert {g["conversation_id"] for g in got} == {str(cid)}
     assert got[0]["timings"]["v2v_ms"] == 722.0
     assert set(got[0]) >= {
@@ -433,7 +433,7 @@ def test_cli_history_json_and_db_commands(pg_dsn: str, tmp_path: Path) -> None:
     result = runner.invoke(app, ["history", "--conversation", str(cid), "--json", "-n", "2"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["sequence"] for r in rows] == [2, 3]
+    assert [r["turn"] for r in rows] == [2, 3]
     assert rows[0]["timings"]["stt_ms"] == 120.5 and rows[0]["turn_id"]
     assert set(rows[0]) == set(turn_dict(make_turn(cid, 1))) | {"created_at"}
 

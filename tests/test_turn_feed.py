@@ -122,7 +122,7 @@ def test_sse_fan_out_one_connection_all_events_cap_and_ended_call(
                     assert status == 200
                     kinds = [k for k, _ in events]
                     assert kinds == ["turn"] * 4 + ["end"], kinds
-                    assert [d["sequence"] for k, d in events if k == "turn"] == [1, 2, 3, 4]
+                    assert [d["turn"] for k, d in events if k == "turn"] == [1, 2, 3, 4]
                     first = events[0][1]
                     assert set(first["timings"]) >= {"llm_first_chunk_ms", "v2v_ms"}
 
@@ -139,7 +139,7 @@ def test_sse_fan_out_one_connection_all_events_cap_and_ended_call(
                 assert service.turn_log.feed.subscribers == 0
 
                 detail = (await http.get(f"/api/conversations/{cid}")).json()
-                assert [t["sequence"] for t in detail["turns"]] == [1, 2, 3, 4]
+                assert [t["turn"] for t in detail["turns"]] == [1, 2, 3, 4]
                 assert detail["ended_at"] is not None
 
         asyncio.run(scenario())

@@ -19,6 +19,7 @@ import typer
 
 from voicebot.console import fail, setup_logging, step
 from voicebot.errors import VoicebotError
+from voicebot.reservations.cli import register as _register_reservations
 from voicebot.settings import Settings
 
 app = typer.Typer(
@@ -377,6 +378,7 @@ def _register_store_commands() -> None:
 
 
 _register_store_commands()
+_register_reservations(app, lambda: make_settings())
 
 
 @app.command()

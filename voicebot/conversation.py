@@ -61,6 +61,24 @@ class Conversation:
     caller_ref: str | None = None
 
 
+@dataclass(frozen=True)
+class ToolCallRecord:
+    """One tool the model called during a turn, and how it went.
+
+    arguments: what the model sent (JSON, as received; may be invalid for the tool).
+    result: what the model was told (the tool's answer, or why the call failed).
+    tool_ms: how long the tool ran; None when it never started (unknown tool, bad arguments).
+    error: None when the tool answered; else "invalid_arguments", "unknown_tool", "timeout",
+        "failed" or "cancelled".
+    """
+
+    name: str
+    arguments: dict[str, Any]
+    result: str
+    tool_ms: float | None = None
+    error: str | None = None
+
+
 @dataclass
 class Turn:
     """One user utterance and the agent's answer, as it was actually played."""
@@ -78,6 +96,8 @@ class Turn:
     started_at: datetime = field(default_factory=utc_now)
     ended_at: datetime | None = None
     turn_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    """The tools the model called during this turn, in order."""
 
     def history_messages(self) -> list[Message]:
         """The messages this turn contributes to the LLM's history window."""
@@ -91,11 +111,12 @@ class Turn:
 def turn_dict(turn: Turn) -> dict[str, Any]:
     """The one JSON form of a turn: the API and its SSE events, ``simulate --json``,
     ``history --json`` and the bench all use it, and the turn log's columns follow the same
-    ``TIMING_FIELDS`` (every timing is always present, ``None`` when its stage did not run)."""
+    ``TIMING_FIELDS`` (every timing is always present, ``None`` when its stage did not run).
+    The turn's number is ``turn``, as ``simulate --json`` has always printed it."""
     return {
+        "turn": int(turn.sequence),
         "turn_id": str(turn.turn_id),
         "conversation_id": str(turn.conversation_id),
-        "sequence": int(turn.sequence),
         "user_text": turn.user_text,
         "assistant_text": turn.assistant_text,
         "interrupted": bool(turn.interrupted),
@@ -104,8 +125,18 @@ def turn_dict(turn: Turn) -> dict[str, Any]:
         "models": {"stt": turn.stt_model, "llm": turn.llm_model, "tts": turn.tts_model},
         "started_at": turn.started_at.isoformat(),
         "ended_at": None if turn.ended_at is None else turn.ended_at.isoformat(),
+        "tool_calls": [
+            {
+                "name": c.name,
+                "arguments": c.arguments,
+                "result": c.result,
+                "tool_ms": _ms(c.tool_ms),
+                "error": c.error,
+            }
+            for c in turn.tool_calls
+        ],
     }
 
 
 def _ms(value: float | None) -> float | None:
-    return None if value is None else float(value)  # numpy scalars are not JSON
+    return None if value is None else round(float(value), 1)  # numpy scalars are not JSON

@@ -19,7 +19,7 @@ import json
 import logging
 from collections import defaultdict, deque
 from collections.abc import Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
@@ -27,21 +27,11 @@ import openai
 
 from voicebot.conversation import Message
 from voicebot.errors import ConfigError, StageError
+from voicebot.llm import ToolCallRequest
 
 logger = logging.getLogger(__name__)
 
 STAGE = "llm"
-
-
-@dataclass(frozen=True)
-class ToolCallRequest:
-    """One tool call the model asked for: a tool name and its arguments (JSON, unvalidated).
-
-    The same shape as ``voicebot.llm.ToolCallRequest`` on the Ollama side.
-    """
-
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 class WireMessage(Protocol):

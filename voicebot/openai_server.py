@@ -69,6 +69,17 @@ class ReplyScript(Protocol):
     def reply(self, messages: Sequence[Mapping[str, Any]]) -> Reply: ...
 
 
+class TextScript:
+    """The Ollama-protocol server's ``Script`` (fixed replies in turn, else an echo), as text."""
+
+    def __init__(self, replies: Sequence[str] = ()) -> None:
+        self._script = Script(replies)
+
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> Reply:
+        answer = self._script.reply(messages)
+        return answer if isinstance(answer, str) else answer.text
+
+
 class ToolScript:
     """Calls ``calls`` when the last message is the user's; after the tools answered (the
     last message is a ``tool`` message), replies ``answer`` with each ``{tool_name}``
@@ -148,7 +159,7 @@ class OpenAIProtocolServer:
                 raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
             profile = PROFILES[profile]
         self.profile = profile
-        self.script: ReplyScript = script or Script()
+        self.script: ReplyScript = script or TextScript()
         self.models: set[str] | None = None if models is None else set(models)
         self.api_key = api_key
         self.host = host
@@ -594,7 +605,7 @@ def serve(
     replies: Sequence[str] = (),
 ) -> None:
     """Run the server in the foreground until interrupted."""
-    server = OpenAIProtocolServer(profile, script=Script(replies), host=host, port=port)
+    server = OpenAIProtocolServer(profile, script=TextScript(replies), host=host, port=port)
     url = server.start()
     logger.info("serving the OpenAI chat API at %s; Ctrl-C stops", url)
     try:

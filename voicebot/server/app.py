@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from voicebot.errors import ConfigError
+from voicebot.reservations.api import reservations_router
 from voicebot.server.access import (
     Guard,
     GuardPolicy,
@@ -47,6 +48,7 @@ def mount(
     service = VoiceService(app, settings, path=path, backend=backend)
     for routes in (rtc, phone, api, health):
         app.include_router(routes.build_router(service))
+    app.include_router(reservations_router(lambda: service.turn_log, prefix=service.path))
     app.add_middleware(Guard, policy=guard_policy(service))
     install_log_redaction(log_secrets(settings))
     if settings.cors_origins:

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from voicebot.conversation import TIMING_FIELDS, Channel, Timings, Turn, turn_dict, utc_now
-from voicebot.store.records import TURN_COLUMNS
+from voicebot.store.records import TURN_COLUMNS, tool_calls_of
 
 MAX_TURNS = 10_000
 """The most turns one read returns (a conversation's detail, a catch-up after a reconnect)."""
@@ -104,6 +104,7 @@ def stored_turn(row: dict[str, Any]) -> StoredTurn:
         started_at=row["started_at"],
         ended_at=row["ended_at"],
         turn_id=row["id"],
+        tool_calls=tool_calls_of(row.get("tool_calls")),
     )
     return StoredTurn(turn, row["created_at"])
 

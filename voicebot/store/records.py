@@ -13,8 +13,9 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
-from voicebot.conversation import TIMING_FIELDS, Conversation, Turn
+from voicebot.conversation import TIMING_FIELDS, Conversation, ToolCallRecord, Turn
 
 NOTIFY_CHANNEL = "voicebot_turns"
 """The LISTEN/NOTIFY channel every inserted turn (and every conversation end) is announced on:
@@ -40,6 +41,7 @@ TURN_COLUMNS: tuple[str, ...] = (
     "tts_model",
     "started_at",
     "ended_at",
+    "tool_calls",
 )
 """The columns of ``turns`` a turn is written to and read from (``created_at`` is the server's)."""
 
@@ -96,8 +98,34 @@ def turn_record(turn: Turn) -> Record:
         "tts_model": _opt_str(turn.tts_model),
         "started_at": _iso(turn.started_at),
         "ended_at": _iso(turn.ended_at),
+        "tool_calls": [tool_call_json(c) for c in turn.tool_calls],
     }
     return record
+
+
+def tool_call_json(call: ToolCallRecord) -> dict[str, Any]:
+    """One tool call as stored in ``turns.tool_calls`` (jsonb) and spooled."""
+    return {
+        "name": call.name,
+        "arguments": call.arguments,
+        "result": call.result,
+        "tool_ms": _ms(call.tool_ms),
+        "error": call.error,
+    }
+
+
+def tool_calls_of(value: Any) -> list[ToolCallRecord]:
+    """The tool calls of a stored or spooled turn (``tool_call_json`` items)."""
+    return [
+        ToolCallRecord(
+            name=str(c["name"]),
+            arguments=dict(c.get("arguments") or {}),
+            result=str(c.get("result") or ""),
+            tool_ms=None if c.get("tool_ms") is None else float(c["tool_ms"]),
+            error=c.get("error"),
+        )
+        for c in value or []
+    ]
 
 
 def sql_params(record: Record) -> Record:
@@ -132,6 +160,9 @@ def sql_params(record: Record) -> Record:
             "tts_model": record.get("tts_model"),
             "started_at": _dt(record["started_at"]),
             "ended_at": _dt(record.get("ended_at")),
+            "tool_calls": Jsonb(
+                [tool_call_json(c) for c in tool_calls_of(record.get("tool_calls"))]
+            ),
         }
         for name in TIMING_FIELDS:
             value = record.get(name)

@@ -118,6 +118,11 @@ class TurnLog:
             self._caller_salt = value.encode()
         return self._caller_salt
 
+    def connection(self) -> Any:
+        """A pooled async connection (``async with``) for reads that live beside the turn
+        log, such as the reservations route."""
+        return self._pool.connection(timeout=self._timeout_s)
+
     async def ping(self, timeout_s: float = 2.0) -> bool:
         """Whether the database answers within ``timeout_s`` (for readiness)."""
         try:
