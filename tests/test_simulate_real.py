@@ -44,15 +44,12 @@ LONG = (
 )
 SCRIPT = [("france", PARIS), ("tower", TOWER), ("story", LONG), ("stop", STOP)]
 
-RECORD_KEYS = {
+# The keys simulate --json has always printed stay; the shared turn contract adds the rest.
+SIMULATE_KEYS = {"turn", "user_text", "assistant_text", "interrupted", "error", "timings"}
+RECORD_KEYS = SIMULATE_KEYS | {
     "turn_id",
     "conversation_id",
-    "sequence",
-    "user_text",
-    "assistant_text",
-    "interrupted",
-    "error",
-    "timings",
+    "tool_calls",
     "models",
     "started_at",
     "ended_at",

@@ -347,7 +347,7 @@ def test_follow_in_another_process(pg_dsn: str, tmp_path: Path) -> None:
     assert {g["conversation_id"] for g in got} == {str(cid)}
     assert got[0]["timings"]["v2v_ms"] == 722.0
     assert set(got[0]) >= {
-        "sequence",
+        "turn",
         "conversation_id",
         "turn_id",
         "user_text",
