@@ -78,8 +78,16 @@ def served_runtime(store: RecordingStore | None = None) -> Runtime:
     )
 
 
+POOL_THREAD_PREFIXES = ("asyncio_", "AnyIO worker thread", "ThreadPoolExecutor")
+
+
 def thread_count() -> int:
-    return threading.active_count()
+    """Threads that are not idle pool workers (those are bounded by their pools and reused)."""
+    return sum(1 for t in threading.enumerate() if not t.name.startswith(POOL_THREAD_PREFIXES))
+
+
+def thread_names() -> list[str]:
+    return sorted(t.name for t in threading.enumerate())
 
 
 async def until(predicate: Callable[[], bool], within_s: float, step_s: float = 0.05) -> bool:
