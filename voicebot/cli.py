@@ -270,9 +270,8 @@ def serve(
     except VoicebotError as e:
         _fail(e)
         return
-    import uvicorn
-
     from voicebot.server import RedactTokenFilter, create_app
+    from voicebot.server.serving import run as run_draining
 
     logging.getLogger("uvicorn.access").addFilter(RedactTokenFilter())
     try:
@@ -281,7 +280,13 @@ def serve(
         _fail(e)
         return
     typer.echo(f"voicebot is serving on http://{settings.host}:{settings.port}")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None)
+    # The first SIGTERM drains the calls (VOICEBOT_DRAIN_TIMEOUT_S) before uvicorn stops.
+    run_draining(
+        application,
+        host=settings.host,
+        port=settings.port,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
 
 
 @app.command()

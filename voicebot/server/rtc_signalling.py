@@ -197,6 +197,7 @@ class _GuardedSocket:
         self._start_timeout_s = start_timeout_s
         self._known = known
         self._quit_wait: asyncio.Task[Any] | None = None
+        self._gone = False
         self._started = False
         self._deadline = asyncio.get_running_loop().time() + start_timeout_s
 
@@ -284,6 +285,18 @@ class _GuardedSocket:
                 self._call.stream_id = sid
             checked: dict[str, Any] = message
             return checked
+
+    async def send_json(self, data: Any, mode: str = "text") -> None:
+        """Send, or note quietly that the client is gone (FastRTC prints a traceback per frame
+        otherwise) and end the call."""
+        if self._gone:
+            return
+        try:
+            await self._ws.send_json(data, mode)
+        except Exception:  # WebSocketDisconnect, or a send after the close
+            self._gone = True
+            logger.debug("websocket %s: the client is gone", self._call.stream_id or "?")
+            self._quit_events[0].set()
 
     def close_waiter(self) -> None:
         if self._quit_wait is not None:
