@@ -79,7 +79,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def served(tmp_path: Path, **settings: Any) -> Iterator[Served]:
+def served(tmp_path: Path, *, ui: bool = False, **settings: Any) -> Iterator[Served]:
     from fastapi import FastAPI
 
     store = RecordingStore()
@@ -87,7 +87,7 @@ def served(tmp_path: Path, **settings: Any) -> Iterator[Served]:
     options.update(settings)
     app = FastAPI()
     backend = backend_of(served_runtime(store))
-    service = mount(app, "", settings=Settings(**options), backend=backend)
+    service = mount(app, "", settings=Settings(**options), backend=backend, ui=ui)
     with LiveServer(app) as live:
         yield Served(live, service, store)
 
@@ -96,7 +96,7 @@ def served(tmp_path: Path, **settings: Any) -> Iterator[Served]:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One served app for the tests that need no special settings (building FastRTC's stream
     and page is the slow part); each test leaves it idle."""
-    with served(tmp_path_factory.mktemp("lines")) as s:
+    with served(tmp_path_factory.mktemp("lines"), ui=True) as s:
         yield s
 
 
@@ -267,6 +267,35 @@ def test_every_channel_shares_one_limit_counted_from_connect(shared: Served) -> 
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
     assert wait_until(s.idle, 10), s.state()
+
+
+def test_the_pages_offers_take_lines_from_the_same_book(shared: Served) -> None:
+    """The Gradio component answers offers itself (a Gradio server function, not our route):
+    its offers are checked and counted too."""
+    sdp = _valid_sdp()
+    s = shared
+    component = s.service.ui_stream.webrtc_component
+
+    async def scenario() -> None:
+        def outputs(_: Any) -> None:
+            return None
+
+        bad = await component.handle_offer(
+            {"sdp": None, "type": "offer", "webrtc_id": "page-bad"}, outputs
+        )
+        assert bad["status"] == "failed" and bad["meta"]["error"] == "invalid_offer"
+        held = [s.service.admit("api", f"held-{i}") for i in range(LIMIT)]
+        busy = await component.handle_offer(
+            {"sdp": sdp, "type": "offer", "webrtc_id": "page-busy"}, outputs
+        )
+        assert busy["meta"]["error"] == "concurrency_limit_reached"
+        for line in held:
+            assert line is not None
+            line.release()
+
+    asyncio.run(scenario())
+    assert not any(open_entries(component).values())
+    assert s.idle(), s.state()
 
 
 # --- vanishing and stalling clients -----------------------------------------------------------
