@@ -229,7 +229,8 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             late = 0.0
         print(
             f"calls at the limit: {stats.calls} calls, {stats.answered} answered, "
-            f"{stats.barge_ins} barge-ins, {stats.busy} busy answers, {len(stats.failures)} failures "
+            f"{stats.barge_ins} barge-ins, {stats.busy} busy answers, "
+            f"{len(stats.failures)} failures "
             f"{stats.failures[:3]}; RSS {rss2:.1f} MB ({rss2 - rss1:+.1f} over the calls, "
             f"{late:+.2f} MB/min/call over the second half), threads {threads2} "
             f"(start {threads0}); lines free {free:.0f}/{args.limit}",

@@ -298,6 +298,11 @@ class _GuardedSocket:
             logger.debug("websocket %s: the client is gone", self._call.stream_id or "?")
             self._quit_events[0].set()
 
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close, unless the socket is already closed (FastRTC closes it once more)."""
+        with contextlib.suppress(Exception):
+            await self._ws.close(code, reason)
+
     def close_waiter(self) -> None:
         if self._quit_wait is not None:
             self._quit_wait.cancel()

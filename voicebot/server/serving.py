@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5
 """After the drain, how long uvicorn waits for connections (SSE, keep-alive) to close."""
+CALL_THREADS_WAIT_S = 30.0
+"""After shutdown, how long the calls' own threads (a transcription, a reply still being
+synthesized) may take to finish: exiting while one runs inside a native library aborts."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -36,10 +41,32 @@ class DrainingServer(uvicorn.Server):
         self._drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._started_threads: set[int] = set()
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        # Threads alive once the app is up (models, pools) are not the calls' threads.
+        self._started_threads = {t.ident for t in threading.enumerate() if t.ident is not None}
+
+    def wait_for_call_threads(self, timeout_s: float) -> None:
+        """Wait for threads started after start-up (the calls') to finish, up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        current = threading.current_thread()
+        while True:
+            left = [
+                t
+                for t in threading.enumerate()
+                if t.ident not in self._started_threads and t is not current and t.is_alive()
+            ]
+            if not left or time.monotonic() >= deadline:
+                break
+            left[0].join(max(0.0, min(1.0, deadline - time.monotonic())))
+        if left:
+            logger.warning("exiting with %d call threads still running", len(left))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain is None and self._loop is not None:
@@ -76,7 +103,9 @@ def run(app: Any, *, host: str, port: int, drain_timeout_s: float) -> None:
         log_config=None,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
-    DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s).run()
+    server = DrainingServer(config, app=app, drain_timeout_s=drain_timeout_s)
+    server.run()
+    server.wait_for_call_threads(CALL_THREADS_WAIT_S)
 
 
 __all__ = ["DrainingServer", "run"]
