@@ -5,8 +5,9 @@ maps of a ``Stream`` or of the page's WebRTC component (``pcs``, ``connections``
 ``data_channels``, ``additional_outputs``, ``connection_timeouts``), its ``WebSocketHandler``
 and the component's ``handle_offer``. What it fixes:
 
-- An offer is checked before FastRTC sees it (``check_offer``): FastRTC adds the connection to
-  ``pcs`` before ``setRemoteDescription`` can fail, and schedules no cleanup when it does.
+- An offer is checked before FastRTC sees it (``check_offer``, ``check_sdp``): FastRTC adds
+  the connection to ``pcs`` before ``setRemoteDescription`` can fail, and schedules no cleanup
+  when it does.
 - Any failure while answering an offer removes every trace of it (``answer_offer``).
 - The server learns when a WebRTC connection is over (``answer_offer``'s ``on_closed``), with
   the handler FastRTC made for it, whichever way it ended.
@@ -56,7 +57,7 @@ class OfferError(ValueError):
 
 
 def check_offer(body: Mapping[str, Any]) -> OfferKind:
-    """What ``body`` asks for; OfferError when FastRTC would choke on it."""
+    """What ``body`` asks for (its id and type checked); OfferError when it makes no sense."""
     webrtc_id = body.get("webrtc_id")
     if not isinstance(webrtc_id, str) or not webrtc_id or len(webrtc_id) > MAX_ID_LENGTH:
         raise OfferError(f"webrtc_id must be a non-empty string of at most {MAX_ID_LENGTH} chars")
@@ -67,6 +68,11 @@ def check_offer(body: Mapping[str, Any]) -> OfferKind:
         return "ice-candidate"
     if kind != "offer":
         raise OfferError(f"type must be 'offer' or 'ice-candidate', not {kind!r}")
+    return "offer"
+
+
+def check_sdp(body: Mapping[str, Any]) -> None:
+    """OfferError unless ``body`` carries an SDP offer FastRTC can use."""
     sdp = body.get("sdp")
     if not isinstance(sdp, str):
         raise OfferError("an offer needs its SDP as a string in 'sdp'")
@@ -74,7 +80,6 @@ def check_offer(body: Mapping[str, Any]) -> OfferKind:
         raise OfferError(f"the SDP is over {MAX_SDP_BYTES} bytes")
     if not sdp.lstrip().startswith("v=0") or "a=ice-ufrag:" not in sdp or "\nm=" not in sdp:
         raise OfferError("not an SDP offer: it needs 'v=0', a media section and an ice-ufrag")
-    return "offer"
 
 
 def connection_known(mixin: Any, webrtc_id: str) -> bool:
@@ -405,6 +410,7 @@ __all__ = [
     "WebSocketCall",
     "answer_offer",
     "check_offer",
+    "check_sdp",
     "close_connection",
     "connection_known",
     "discard",

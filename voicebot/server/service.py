@@ -550,8 +550,15 @@ class VoiceService:
                 409, _failed("connection_already_exists", f"webrtc_id {webrtc_id} is in use")
             )
         line = self.admit(channel, key)
-        if line is None:
+        if line is None:  # a full server says so whatever the offer holds
             return OfferReply(503, self.refusal_body())
+        try:
+            rtc.check_sdp(body)
+        except rtc.OfferError as e:
+            line.release()
+            self.metrics.call_rejected(channel, "invalid_offer")
+            logger.warning("%s offer refused: %s", channel, e)
+            return OfferReply(400, _failed("invalid_offer", str(e)))
         line.hang_up = lambda: rtc.close_connection(mixin, webrtc_id)
         loop = asyncio.get_running_loop()
 
