@@ -472,16 +472,17 @@ class VoiceService:
         """Calls holding a line (connecting ones included), on one channel or all."""
         return self.lines.active(channel)
 
-    def admit(self, channel: Channel, key: str) -> Line | None:
+    def admit(self, channel: Channel, key: str, *, count_refusal: bool = True) -> Line | None:
         """A line for a new call, or None (counted as rejected) when full or draining."""
         line = None if self._draining else self.lines.take(channel, key)
-        if line is None:
+        if line is None and count_refusal:
             self.metrics.call_rejected(channel, "draining" if self._draining else "busy")
         return line
 
     def try_acquire(self, channel: Channel) -> bool:
         """``telephony.Slots``: a line for a phone call, released with ``release``."""
-        line = self.admit(channel, f"{channel}:{next(self._phone_numbers)}")
+        # PhoneCall reports its own refusals (on_reject).
+        line = self.admit(channel, f"{channel}:{next(self._phone_numbers)}", count_refusal=False)
         if line is None:
             return False
         with self._calls_lock:
