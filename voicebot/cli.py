@@ -301,10 +301,9 @@ def serve(
         check_exposure(settings)
     except VoicebotError as e:
         fail(e)
-    import uvicorn
-
     from voicebot.server import create_app
     from voicebot.server.access import install_log_redaction, log_secrets
+    from voicebot.server.serving import run as run_draining
 
     install_log_redaction(log_secrets(settings))
     try:
@@ -312,7 +311,13 @@ def serve(
     except VoicebotError as e:
         fail(e)
     _announce_when_started(application, f"http://{settings.host}:{settings.port}")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None)
+    # The first SIGTERM drains the calls (VOICEBOT_DRAIN_TIMEOUT_S) before uvicorn stops.
+    run_draining(
+        application,
+        host=settings.host,
+        port=settings.port,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
 
 
 def _announce_when_started(application: Any, url: str) -> None:

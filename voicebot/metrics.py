@@ -1,7 +1,10 @@
 """Prometheus metrics for one served app, in a registry of its own (two apps never collide).
 
 Names (all prefixed ``voicebot_``): ``calls_active`` (gauge, by channel), ``calls_total``,
-``calls_rejected_total`` (by channel and reason), ``turns_total``, ``stage_latency_seconds``
+``calls_rejected_total`` (by channel and reason: busy, draining, invalid_offer, duplicate,
+unauthorized, bad_signature), ``lines_free`` and ``lines_limit`` (gauges: lines a new call could
+take now, 0 while draining; for autoscaling), ``draining`` (gauge, 1 while draining),
+``turns_total``, ``stage_latency_seconds``
 (histogram by stage: endpoint, stt, llm_ttft, tts_first, v2v, bargein_stop) and
 ``stage_errors_total`` (by stage, from the turn's error), ``turns_lost_total`` (turns the turn
 log could neither store nor spool, read from the store at scrape time).
@@ -60,6 +63,11 @@ class Metrics:
             ["channel", "reason"],
             registry=r,
         )
+        self.lines_free = Gauge(
+            "voicebot_lines_free", "Lines a new call could take now (0 while draining).", registry=r
+        )
+        self.lines_limit = Gauge("voicebot_lines_limit", "Simultaneous calls allowed.", registry=r)
+        self.draining = Gauge("voicebot_draining", "1 while the server drains.", registry=r)
         self.turns_total = Counter("voicebot_turns", "Finished turns.", ["channel"], registry=r)
         self.stage_latency = Histogram(
             "voicebot_stage_latency_seconds",
@@ -84,6 +92,14 @@ class Metrics:
     def track_turns_lost(self, count: Callable[[], float]) -> None:
         """Read ``voicebot_turns_lost_total`` from ``count`` at scrape time."""
         self._turns_lost.count = count
+
+    def track_lines(
+        self, free: Callable[[], float], limit: int, draining: Callable[[], bool]
+    ) -> None:
+        """Read the free lines and the draining flag at scrape time."""
+        self.lines_free.set_function(free)
+        self.lines_limit.set(limit)
+        self.draining.set_function(lambda: float(draining()))
 
     def call_started(self, channel: Channel) -> None:
         self.calls_total.labels(channel).inc()

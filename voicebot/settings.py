@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     """Simultaneous calls (web and phone together) [VOICEBOT_CONCURRENCY_LIMIT]."""
     time_limit_s: float = 1800.0
     """Longest call in seconds [VOICEBOT_TIME_LIMIT_S]."""
+    drain_timeout_s: float = 60.0
+    """On SIGTERM, how long calls in progress may go on before the persona's goodbye ends them
+    [VOICEBOT_DRAIN_TIMEOUT_S]; meanwhile no new call is admitted and /readyz answers 503."""
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the API (JSON list); empty = CORS off
     [VOICEBOT_CORS_ORIGINS]."""

@@ -1,16 +1,25 @@
-"""Probes and counters: ``GET /healthz``, ``/readyz``, ``/metrics`` (Prometheus text)."""
+"""Probes and counters: ``GET /healthz``, ``/readyz``, ``/metrics`` (Prometheus text).
+
+``/healthz`` says the process answers. ``/readyz`` is for a load balancer: 200 when this
+replica can take a call, 503 when it is full, draining, starting, or has lost a dependency it
+cannot work without. It reads cached state (the service refreshes its checks in the background),
+so probing it often costs nothing. Without the token it answers only its status; with it (or
+when no token is configured, loopback only) it also names each check, the personas and the
+LLM's URL.
+"""
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from voicebot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from voicebot.server.service import VoiceService
+    from voicebot.server.service import Readiness, VoiceService
 
 
 def build_router(service: VoiceService) -> APIRouter:
@@ -21,10 +30,16 @@ def build_router(service: VoiceService) -> APIRouter:
         return {"status": "ok"}
 
     @router.get("/readyz", tags=["voicebot"])
-    async def readyz() -> Response:
-        checks = await _readiness(service)
-        ready = all(c["ok"] for c in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    async def readyz(request: Request) -> Response:
+        readiness = service.readiness()
+        body: dict[str, Any] = {"ready": readiness.ready, "status": readiness.status}
+        if _authorized(service, request):
+            body.update(_details(readiness))
+        return JSONResponse(
+            body,
+            status_code=200 if readiness.ready else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     @router.get("/metrics", tags=["voicebot"])
     async def metrics() -> Response:
@@ -32,35 +47,23 @@ def build_router(service: VoiceService) -> APIRouter:
 
     return router
 
-    return router
+
+def _authorized(service: VoiceService, request: Request) -> bool:
+    """Whether the probe may see details: the bearer token, or no token configured."""
+    token = service.api_token
+    if token is None:
+        return True
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
-async def _readiness(service: VoiceService) -> dict[str, dict[str, Any]]:
-    import httpx
-
-    checks: dict[str, dict[str, Any]] = {}
-    backend = service.backend
-    checks["models"] = {
-        "ok": backend is not None,
-        "detail": ", ".join(backend.runtime.stacks) if backend is not None else "not loaded",
+def _details(readiness: Readiness) -> dict[str, Any]:
+    return {
+        "free_lines": readiness.free_lines,
+        "limit": readiness.limit,
+        "checks": {
+            name: {"ok": c.ok, "required": c.required, "detail": c.detail}
+            for name, c in readiness.checks.items()
+        },
     }
-    host = service.settings.ollama_host.rstrip("/")
-    try:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            reply = await client.get(f"{host}/api/version")
-        checks["ollama"] = {
-            "ok": reply.status_code == 200,
-            "detail": f"{host}: {reply.status_code}",
-        }
-    except httpx.HTTPError as e:
-        checks["ollama"] = {"ok": False, "detail": f"{host}: {type(e).__name__}"}
-    turn_log = service.turn_log
-    if turn_log is None:
-        checks["database"] = {"ok": backend is not None, "detail": "no turn log configured"}
-    else:
-        reachable = await turn_log.ping()
-        checks["database"] = {
-            "ok": reachable,
-            "detail": "reachable" if reachable else "unreachable",
-        }
-    return checks

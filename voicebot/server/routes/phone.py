@@ -70,7 +70,7 @@ def build_router(service: VoiceService) -> APIRouter:
             return PlainTextResponse("invalid Twilio signature", status_code=403)
         persona_name = settings.phone_personas.get(form.get("To", ""), None)
         persona = service.runtime.stack(persona_name).persona
-        if service.active() >= service.limit:
+        if service.free_lines() == 0:  # full, or draining
             service.metrics.call_rejected("phone", "busy")
             return Response(
                 twiml_busy(persona.busy_message, persona.language), media_type="application/xml"

