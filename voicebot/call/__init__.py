@@ -1,0 +1,1 @@
+"""The call: turn-taking policy, replies and playout, independent of the transport."""
