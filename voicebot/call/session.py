@@ -267,7 +267,7 @@ class Call:
             return False
         if policy is None:
             return True
-        return policy.idle() and len(self._inbox) == 0
+        return policy.idle()
 
     @property
     def completed_turns(self) -> list[Turn]:
