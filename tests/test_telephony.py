@@ -635,10 +635,10 @@ class CountingStore(InMemoryTurnStore):
         super().close_conversation(conversation_id, ended_at)
 
 
-def long_reply_runtime(store: CountingStore) -> Runtime:
+def long_reply_runtime(store: CountingStore, reply: str = LONG_REPLY) -> Runtime:
     runtime = fake_runtime()
     stack = runtime.stacks[runtime.default_persona]
-    chat = fakes.FakeChat(reply=LONG_REPLY, token_s=0.0)
+    chat = fakes.FakeChat(reply=reply, token_s=0.0)
     stacks = {runtime.default_persona: dataclasses.replace(stack, chat=chat)}
     return dataclasses.replace(runtime, stacks=stacks, store=store)
 
@@ -650,13 +650,13 @@ def wait_until(predicate: Any, timeout_s: float) -> bool:
     return bool(predicate())
 
 
-def assert_ended_once_with_the_turn(store: CountingStore) -> None:
+def assert_ended_once_with_the_turn(store: CountingStore, reply: str = LONG_REPLY) -> None:
     assert wait_until(lambda: store.closes > 0, 10), "the call never ended"
     time.sleep(0.5)  # a second end would come now
     assert store.closes == 1
     [turn] = store.turns
     assert turn.interrupted
-    assert 0 < len(turn.assistant_text) < len(LONG_REPLY)
+    assert 0 < len(turn.assistant_text) < len(reply)
     assert list(store.ended) == [turn.conversation_id]
 
 
