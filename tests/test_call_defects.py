@@ -12,8 +12,10 @@ import numpy as np
 from tests import fakes
 from tests.fakes import silence, tone
 from voicebot.audio import MonoAudio
+from voicebot.call.clock import VirtualClock
 from voicebot.handler import VoiceHandler
-from voicebot.simulate import simulate_call
+from voicebot.simulate import CallTrace, simulate_call
+from voicebot.store import InMemoryTurnStore
 
 LONG_REPLY = " ".join(f"Sentence number {i} is here." for i in range(1, 30))
 GOODBYE = "Time is up, goodbye."
@@ -103,3 +105,23 @@ def test_many_short_pauses_in_one_utterance_keep_one_transcription_in_flight() -
     assert len(stt.calls) <= 14
     # the simulator's two threads, the watcher, the policy, stt, a reply's llm and tts
     assert peak[0] - baseline <= 7
+
+
+def test_shutdown_mid_reply_records_the_turn_and_ends_the_conversation() -> None:
+    """What a server stop (SIGTERM) does to each call: the handler's ``shutdown``. (This one
+    already held before the call core; the server's side is tested with ``voicebot serve``.)"""
+    store = InMemoryTurnStore()
+    clock = VirtualClock()
+    rt = fakes.runtime(clock=clock, chat=fakes.FakeChat(reply=LONG_REPLY, token_s=0.0), store=store)
+    handler = VoiceHandler(rt, channel="simulate", greet=False, clock=clock)
+
+    def stop_mid_reply(trace: CallTrace) -> None:
+        if len(trace.played) == 50:  # a second of the reply was handed out
+            handler.shutdown()
+
+    audio = np.concatenate([tone(0.6), silence(5.0)])
+    simulate_call(rt, (16000, audio), clock=clock, call=handler.call, on_frame=stop_mid_reply)
+    handler.shutdown()  # again: nothing more happens
+    [turn] = store.turns
+    assert turn.interrupted and 0 < len(turn.assistant_text) < len(LONG_REPLY)
+    assert list(store.ended) == [handler.conversation_id]

@@ -88,7 +88,9 @@ class LiveTranscript:
 
     def __call__(
         self, chat: list[dict[str, Any]] | None, latency: str | None, update: TurnUpdate
-    ) -> tuple[list[dict[str, Any]], str]:
+    ) -> Any:
+        if not isinstance(update, TurnUpdate):  # a CallStatus: not shown here (yet)
+            return gr.skip(), gr.skip()
         key = update.turn.conversation_id
         with self._lock:
             chat, latency = self._calls.get(key, (chat, latency))
