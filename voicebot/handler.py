@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from voicebot.call.events import TurnUpdate
 from voicebot.call.playout import FRAME_S, FRAME_SAMPLES, OUTPUT_RATE, PLAYBACK_LEAD_S
-from voicebot.call.policy import CallObserver
+from voicebot.call.record import CallObserver
 from voicebot.transports.fastrtc import EMIT_WAIT_S, VoiceHandler
 
 __all__ = [

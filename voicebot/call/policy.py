@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,41 +35,19 @@ from voicebot.call.events import (
     StageFailed,
     Tick,
     Transcribed,
-    TurnUpdate,
 )
 from voicebot.call.playout import Playout, played_text
+from voicebot.call.record import CallObserver, CallSetup, ConversationRecord
 from voicebot.call.reply import Reply, ReplyStages
 from voicebot.call.status import CallState, CallStatus
 from voicebot.call.transcription import TranscriptionWorker
-from voicebot.conversation import Channel, Conversation, Message, Timings, Turn, utc_now
+from voicebot.conversation import Timings, Turn
 from voicebot.errors import StageError
 from voicebot.llm import build_messages
-from voicebot.runtime import PersonaStack, Runtime
 from voicebot.turns import BargeIn, EndCandidate, SpeechStarted, UserTurn
 from voicebot.vad import VAD_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
-
-
-class CallObserver(Protocol):
-    """Hears about every finished turn (metrics); called on the policy thread, must not
-    block."""
-
-    def turn_finished(self, turn: Turn, channel: Channel) -> None: ...
-
-
-@dataclass
-class CallSetup:
-    """Who the call is with and what it continues; fixed once the call starts."""
-
-    runtime: Runtime
-    stack: PersonaStack
-    conversation_id: uuid.UUID
-    channel: Channel
-    history: list[Message]
-    sequence_start: int = 0
-    greet: bool = True
-    caller_ref: str | None = None
 
 
 @dataclass
@@ -106,11 +82,9 @@ class CallPolicy:
         self._stages = stages
         self._publish = publish
         self._interrupt = interrupt
-        self._observer = observer
         self._config = setup.runtime.turn_config
         self._stack = setup.stack
-        self.history = setup.history
-        self.completed_turns: list[Turn] = []
+        self.record = ConversationRecord(setup, publish, observer)
         self.state: CallState = "listening"
         self._error_over: CallState | None = None  # the state an error status stands in for
         self._reply: Reply | None = None  # the reply the caller hears, or will hear next
@@ -124,7 +98,6 @@ class CallPolicy:
         self._overlap: _Overlap | None = None
         self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
         self._user_speaking = False
-        self._sequence = setup.sequence_start
         self._closing_message: str | None = None
         self.closing = False
         self.ended = False
@@ -138,19 +111,10 @@ class CallPolicy:
         """Open the conversation and speak the greeting."""
         setup = self._setup
         persona = self._stack.persona
-        store = setup.runtime.store
-        if store is not None:
-            store.open_conversation(
-                Conversation(
-                    setup.conversation_id,
-                    persona.name,
-                    setup.channel,
-                    caller_ref=setup.caller_ref,
-                )
-            )
+        self.record.open()
         logger.info("call %s started with persona %s", setup.conversation_id, persona.name)
         self._publish(CallStatus(self.state))
-        if setup.greet and persona.greeting and not self.history:
+        if setup.greet and persona.greeting and not self.record.history:
             greeting = self._new_reply(turn=None)
             greeting.caption = Turn(setup.conversation_id, 0, "")
             self._reply = greeting
@@ -171,12 +135,7 @@ class CallPolicy:
                 self._finalize(reply, interrupted=True)
         self._playout.clear()
         self._stt.close()
-        store = self._setup.runtime.store
-        if store is not None:
-            try:
-                store.close_conversation(self._setup.conversation_id, utc_now())
-            except Exception:  # the call is over either way
-                logger.exception("call %s: could not store its end", self._setup.conversation_id)
+        self.record.close()
         logger.info("call %s ended (%s)", self._setup.conversation_id, reason)
         self._refresh_state()
 
@@ -274,8 +233,7 @@ class CallPolicy:
         self._playout.clear(reply.id)
         self._forget(reply)
         self._reply = None
-        if reply.turn.sequence and reply.turn.sequence == self._sequence:
-            self._sequence -= 1  # the merged turn takes this number
+        self.record.unnumber(reply.turn)
         self._carry_audio = reply.user_audio
 
     def _with_carry(self, audio: Samples) -> Samples:
@@ -470,8 +428,7 @@ class CallPolicy:
             else:
                 logger.error("transcription failed", exc_info=e)
             turn.error = str(e) if isinstance(e, StageError) else f"stt: {e}"
-            self._sequence += 1
-            turn.sequence = self._sequence
+            self.record.number(turn)
             self._stages.say(reply, self._stack, [persona.apology])
             return
         turn.user_text = transcript.text.strip()
@@ -481,10 +438,9 @@ class CallPolicy:
             self._forget(reply)
             self._reply = None
             return
-        self._sequence += 1
-        turn.sequence = self._sequence
+        self.record.number(turn)
         messages = build_messages(
-            persona.system_prompt, self.history, turn.user_text, persona.history_turns * 2
+            persona.system_prompt, self.record.history, turn.user_text, persona.history_turns * 2
         )
         self._stages.answer(reply, self._stack, messages)
 
@@ -529,8 +485,7 @@ class CallPolicy:
         caption = reply.turn or reply.caption
         if caption is not None:
             # Captions: the chunks that have started playing so far.
-            text = reply.joiner.join(reply.texts[: event.index + 1])
-            self._publish(TurnUpdate(_snapshot(caption, assistant_text=text), final=False))
+            self.record.caption(caption, reply.joiner.join(reply.texts[: event.index + 1]))
 
     def _maybe_done(self, reply_id: int) -> None:
         reply = self._replies.get(reply_id)
@@ -601,10 +556,7 @@ class CallPolicy:
         self._forget(reply)
         turn = reply.turn
         if turn is None:  # a fixed line: the greeting or the goodbye
-            if played:
-                self.history.append(Message("assistant", played))
-            if reply.caption is not None:
-                self._publish(TurnUpdate(_snapshot(reply.caption, assistant_text=played), True))
+            self.record.line_heard(played, reply.caption)
             if self.closing and not self.ended and self._reply is None and not interrupted:
                 self._close()
             return
@@ -616,22 +568,7 @@ class CallPolicy:
         turn.timings.tts_first_ms = timings.tts_first_ms
         turn.assistant_text = played
         turn.interrupted = interrupted
-        turn.ended_at = utc_now()
-        self.history.extend(turn.history_messages())
-        self.completed_turns.append(turn)
-        store = self._setup.runtime.store
-        if store is not None:
-            try:
-                store.record(turn)
-            except Exception:  # the call goes on; the store logs its own failures too
-                logger.exception("turn %d could not be stored", turn.sequence)
-        observer = self._observer
-        if observer is not None:
-            try:
-                observer.turn_finished(turn, self._setup.channel)
-            except Exception:  # metrics must never end a call
-                logger.exception("turn observer failed")
-        self._publish(TurnUpdate(_snapshot(turn), final=True))
+        self.record.turn_done(turn)
 
     def _derive_state(self) -> CallState:
         if self.closing:
@@ -659,9 +596,3 @@ class CallPolicy:
         if state != self.state:
             self.state = state
             self._publish(CallStatus(state))
-
-
-def _snapshot(turn: Turn, assistant_text: str | None = None) -> Turn:
-    """A copy for the transport, so later changes on the policy thread do not show through."""
-    text = turn.assistant_text if assistant_text is None else assistant_text
-    return replace(turn, timings=replace(turn.timings), assistant_text=text)

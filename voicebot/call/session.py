@@ -35,7 +35,8 @@ from voicebot.call.events import (
 )
 from voicebot.call.mailbox import Closed, Mailbox
 from voicebot.call.playout import OUTPUT_RATE, Playout
-from voicebot.call.policy import CallObserver, CallPolicy, CallSetup
+from voicebot.call.policy import CallPolicy
+from voicebot.call.record import CallObserver, CallSetup
 from voicebot.call.reply import ReplyStages
 from voicebot.call.transcription import TranscriptionWorker
 from voicebot.conversation import Channel, Message, Turn
@@ -272,7 +273,7 @@ class Call:
     @property
     def completed_turns(self) -> list[Turn]:
         """Turns recorded so far, in order."""
-        return self._policy.completed_turns if self._policy is not None else []
+        return self._policy.record.completed_turns if self._policy is not None else []
 
     @property
     def state(self) -> str:

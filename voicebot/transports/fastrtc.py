@@ -21,7 +21,7 @@ from voicebot.audio import Audio
 from voicebot.call.clock import Clock
 from voicebot.call.events import AudioOut, CallOutput, CloseCall
 from voicebot.call.playout import OUTPUT_RATE
-from voicebot.call.policy import CallObserver
+from voicebot.call.record import CallObserver
 from voicebot.call.session import Call
 from voicebot.conversation import Channel, Message, Turn
 from voicebot.vad import VAD_SAMPLE_RATE
