@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import scipy.signal  # noqa: F401  (resampling: load it with the call, not on the first reply)
+
 from voicebot.audio import Samples, resample
 from voicebot.call.clock import Clock
 from voicebot.call.events import CallEvent, ChunkReady, ReplyProduced, StageFailed
