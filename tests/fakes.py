@@ -1,14 +1,19 @@
-"""Hand-written fakes at the Protocol seams: scripted, real-shaped, able to fail on command."""
+"""Hand-written fakes at the Protocol seams: scripted, real-shaped, able to fail on command.
+
+Their delays pass on a clock: real time by default (divided by ``speed``, as LiveKit's
+``fake_session(speed_factor=...)`` does), or a ``VirtualClock`` that a test advances, which
+``runtime(clock=...)`` hands to every fake it holds.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from voicebot.audio import MonoAudio, Samples
+from voicebot.call.clock import Clock, RealClock
 from voicebot.conversation import Message
 from voicebot.errors import StageError
 from voicebot.personas import Persona
@@ -29,7 +34,17 @@ class EnergyVad:
         return EnergyVadStream()
 
 
-class FakeTranscriber:
+class Scripted:
+    """Sleeps on its clock, ``speed`` times faster than scripted."""
+
+    clock: Clock = RealClock()
+    speed: float = 1.0
+
+    def pause(self, seconds: float) -> None:
+        self.clock.sleep(seconds / self.speed)
+
+
+class FakeTranscriber(Scripted):
     name = "fake-stt"
 
     def __init__(self, texts: Sequence[str] = ("hello there",), delay_s: float = 0.05) -> None:
@@ -37,17 +52,28 @@ class FakeTranscriber:
         self.delay_s = delay_s
         self.calls: list[float] = []  # seconds of audio per call
         self.fail = False
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
 
     def transcribe(self, audio: MonoAudio, language: str | None = None) -> str:
         rate, samples = audio
-        self.calls.append(samples.size / rate)
-        time.sleep(self.delay_s)
+        with self._lock:
+            self.calls.append(samples.size / rate)
+            index = len(self.calls) - 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self.pause(self.delay_s)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         if self.fail:
             raise StageError("stt", "scripted failure")
-        return self.texts[min(len(self.calls) - 1, len(self.texts) - 1)]
+        return self.texts[min(index, len(self.texts) - 1)]
 
 
-class FakeChat:
+class FakeChat(Scripted):
     name = "fake-llm"
 
     def __init__(
@@ -78,19 +104,19 @@ class FakeChat:
         self.closed.clear()
         self.tokens_sent = 0
         try:
-            time.sleep(self.ttft_s)
+            self.pause(self.ttft_s)
             for i, token in enumerate(reply.split(" ")):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise StageError("llm", "Ollama unreachable at http://fake")
                 self.tokens_sent += 1
                 yield token if i == 0 else " " + token
-                time.sleep(self.token_s)
+                self.pause(self.token_s)
         finally:
             self.sent_per_request.append(self.tokens_sent)
             self.closed.set()
 
 
-class ToneSynthesizer:
+class ToneSynthesizer(Scripted):
     """80 ms of a loud tone per character; fast, like a real TTS on a good machine."""
 
     name = "tone-tts"
@@ -131,7 +157,10 @@ def runtime(
     config: TurnConfig | None = None,
     store: object | None = None,
     language: str = "en",
+    clock: Clock | None = None,
+    speed: float = 1.0,
 ) -> Runtime:
+    """A runtime of fakes; ``clock`` and ``speed`` are given to each of them."""
     p = persona(language)
     stack = PersonaStack(
         persona=p,
@@ -139,6 +168,11 @@ def runtime(
         chat=chat or FakeChat(),
         synthesizer=synthesizer or ToneSynthesizer(),
     )
+    for fake in (stack.transcriber, stack.chat, stack.synthesizer):
+        if isinstance(fake, Scripted):
+            if clock is not None:
+                fake.clock = clock
+            fake.speed = speed
     return Runtime(
         vad=EnergyVad(),
         stacks={p.name: stack},

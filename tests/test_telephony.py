@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import re
 import threading
@@ -38,6 +39,7 @@ from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.server import Backend, create_app, default_backend
 from voicebot.settings import Settings
+from voicebot.store import InMemoryTurnStore
 from voicebot.telephony import (
     Downsampler,
     SignatureChecker,
@@ -635,3 +637,108 @@ def test_real_models_phone_call_hears_a_reply_and_barge_in_clears_twilio(
     assert row is not None and row[1] == "phone"
     assert "france" in turns[0][0].lower()
     assert any("story" in t[0].lower() and t[1] for t in turns)
+
+
+# --- the call's end, each way a line can drop ----------------------------------------------------
+
+LONG_REPLY = " ".join(f"Sentence number {i} is here." for i in range(1, 30))
+
+
+class CountingStore(InMemoryTurnStore):
+    """Counts how often a conversation is ended: the call's end must run once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closes = 0
+
+    def close_conversation(self, conversation_id: uuid.UUID, ended_at: Any) -> None:
+        self.closes += 1
+        super().close_conversation(conversation_id, ended_at)
+
+
+def long_reply_runtime(store: CountingStore, reply: str = LONG_REPLY) -> Runtime:
+    runtime = fake_runtime()
+    stack = runtime.stacks[runtime.default_persona]
+    chat = fakes.FakeChat(reply=reply, token_s=0.0)
+    stacks = {runtime.default_persona: dataclasses.replace(stack, chat=chat)}
+    return dataclasses.replace(runtime, stacks=stacks, store=store)
+
+
+def wait_until(predicate: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def assert_ended_once_with_the_turn(store: CountingStore, reply: str = LONG_REPLY) -> None:
+    assert wait_until(lambda: store.closes > 0, 10), "the call never ended"
+    time.sleep(0.5)  # a second end would come now
+    assert store.closes == 1
+    [turn] = store.turns
+    assert turn.interrupted
+    assert 0 < len(turn.assistant_text) < len(reply)
+    assert list(store.ended) == [turn.conversation_id]
+
+
+def test_a_twilio_stop_mid_reply_ends_the_call_once_and_records_the_turn(tmp_path: Path) -> None:
+    store = CountingStore()
+    settings = Settings(data_dir=tmp_path, concurrency_limit=1, time_limit_s=60)
+    app = create_app(settings, backend=backend_of(long_reply_runtime(store)))
+    with LiveServer(app) as live:
+
+        async def scenario() -> None:
+            async with TwilioClient(f"{live.ws}/telephone/handler") as caller:
+                assert await caller.wait_for(lambda: caller.heard.marks, 10)  # the greeting
+                await caller.speak(to_8k((16000, tone(0.8))))
+                frames = caller.heard.media_frames
+                # a second of the reply, then the caller hangs up
+                assert await caller.wait_for(lambda: caller.heard.media_frames > frames + 50, 10)
+                await caller.stop()
+                await asyncio.wait_for(caller.heard.closed.wait(), 5)
+
+        asyncio.run(scenario())
+        assert_ended_once_with_the_turn(store)
+
+
+def test_a_websocket_closing_mid_reply_ends_the_call_once_and_records_the_turn(
+    tmp_path: Path,
+) -> None:
+    """FastRTC's own websocket transport (``/websocket/offer``), which never calls the
+    handler's ``shutdown``: the call notices the closed socket itself."""
+    store = CountingStore()
+    settings = Settings(data_dir=tmp_path, concurrency_limit=1, time_limit_s=60)
+    app = create_app(settings, backend=backend_of(long_reply_runtime(store)))
+    with LiveServer(app) as live:
+
+        async def scenario() -> None:
+            received: list[int] = []
+            async with connect(f"{live.ws}/websocket/offer") as ws:
+
+                async def read() -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        async for raw in ws:
+                            if json.loads(raw).get("event") == "media":
+                                received.append(1)
+
+                reader = asyncio.create_task(read())
+                await ws.send(json.dumps({"event": "start", "websocket_id": uuid.uuid4().hex}))
+                speech = np.concatenate([np.zeros(16000), tone(0.8), np.zeros(16000 * 8)])
+                t0 = time.monotonic()
+                after_speech = None
+                for i, start in enumerate(range(0, speech.size, 320)):
+                    pcm = (speech[start : start + 320] * 32767).astype(np.int16)
+                    payload = base64.b64encode(ulaw_encode(pcm)).decode()
+                    await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+                    if after_speech is None and start >= 16000 * 1.8:
+                        after_speech = len(received)
+                    if after_speech is not None and len(received) > after_speech + 40:
+                        break  # the reply is playing: the client goes away
+                    await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+                else:
+                    raise AssertionError("no reply audio")
+                reader.cancel()
+            # the socket is closed (a close frame, no "stop")
+
+        asyncio.run(scenario())
+        assert_ended_once_with_the_turn(store)

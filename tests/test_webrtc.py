@@ -236,3 +236,109 @@ def test_a_webrtc_caller_hears_the_greeting_then_the_answer(
     assert "capital of france" in heard, heard
     delay_ms = 1000 * (answered_at - microphone.speech_end_t)
     print(f"first reply audio {delay_ms:.0f} ms after the question ended")
+
+
+# --- a caller that vanishes mid-reply ----------------------------------------------------------
+
+_VANISHING_CLIENT = r"""
+import asyncio, fractions, sys, time, uuid
+import av, httpx, numpy as np
+from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+RATE, FRAME = 48000, 960
+t = np.arange(int(0.8 * RATE)) / RATE
+speech = np.concatenate([np.zeros(RATE), 0.4 * np.sin(2 * np.pi * 300 * t), np.zeros(RATE * 120)])
+pcm = (speech * 32767).astype(np.int16)
+
+
+class Microphone(AudioStreamTrack):
+    sent = 0
+    t0 = None
+
+    async def recv(self):
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        else:
+            await asyncio.sleep(max(0.0, self.t0 + self.sent / RATE - time.monotonic()))
+        frame = av.AudioFrame.from_ndarray(
+            pcm[self.sent : self.sent + FRAME].reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate, frame.pts = RATE, self.sent
+        frame.time_base = fractions.Fraction(1, RATE)
+        self.sent += FRAME
+        return frame
+
+
+async def main(url):
+    pc, microphone, loud = RTCPeerConnection(), Microphone(), [0]
+    pc.createDataChannel("text")
+
+    @pc.on("track")
+    def on_track(track):
+        async def play():
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    return
+                if microphone.sent > 1.9 * RATE and np.abs(frame.to_ndarray()).max() > 600:
+                    loud[0] += 1
+
+        asyncio.ensure_future(play())
+
+    pc.addTrack(microphone)
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer", "webrtc_id": uuid.uuid4().hex}
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = (await http.post(url, json=offer)).json()
+    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+    while loud[0] < 50:  # a second of the reply
+        await asyncio.sleep(0.02)
+    print("mid-reply", flush=True)
+    await asyncio.sleep(600)
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_webrtc_caller_vanishing_mid_reply_ends_the_call_once_with_the_turn(
+    tmp_path: Path,
+) -> None:
+    """The client process is killed (no close, no BYE): FastRTC notices when ICE consent
+    expires (~30 s), and the call's end runs once with the turn in flight recorded."""
+    import subprocess
+    import sys
+
+    from tests.test_telephony import (
+        CountingStore,
+        LiveServer,
+        assert_ended_once_with_the_turn,
+        backend_of,
+        long_reply_runtime,
+    )
+    from voicebot.server import create_app
+
+    store = CountingStore()
+    # a minute of speech: still playing (to no one) when ICE consent runs out
+    reply = " ".join(f"Sentence number {i} is here." for i in range(1, 230))
+    settings = Settings(data_dir=tmp_path, concurrency_limit=1, time_limit_s=120)
+    app = create_app(settings, backend=backend_of(long_reply_runtime(store, reply)))
+    with LiveServer(app) as live:
+        client = subprocess.Popen(
+            [sys.executable, "-c", _VANISHING_CLIENT, f"{live.http}/webrtc/offer"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert client.stdout is not None
+            line = client.stdout.readline()  # blocks until mid-reply (or the client dies)
+            assert line.strip() == "mid-reply", "the client heard no reply"
+        finally:
+            client.kill()
+            client.wait(10)
+        deadline = time.monotonic() + 60
+        while store.closes == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert_ended_once_with_the_turn(store, reply)

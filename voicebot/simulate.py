@@ -9,6 +9,9 @@ mirrors what FastRTC's audio track does around it: one thread calls ``receive`` 
 input frame, another calls ``emit`` in a loop and cuts what it returns into 20 ms frames on a
 queue, and a player takes frames off that queue at playback pace (restarting its clock after
 a gap, as the track does); the handler's ``clear_queue`` empties that queue.
+
+``drive_virtual`` drives a ``Call`` directly on a ``VirtualClock``: the same call, threads and
+all, with no sleeps, many times faster than real time (the unit tests use it).
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from fastrtc import AdditionalOutputs, CloseStream
 
 from voicebot.audio import MonoAudio, Samples, resample, to_mono_float32
+from voicebot.call.clock import VirtualClock
+from voicebot.call.events import AudioOut, CloseCall, TurnUpdate
+from voicebot.call.playout import OUTPUT_RATE
+from voicebot.call.session import Call
 from voicebot.conversation import Message, Turn, turn_dict
-from voicebot.handler import OUTPUT_RATE, TurnUpdate, VoiceHandler
 from voicebot.runtime import Runtime
+
+if TYPE_CHECKING:
+    from voicebot.transports.fastrtc import VoiceHandler
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +220,8 @@ def drive(
 
     ``as_int16`` sends int16 frames, as FastRTC's resampler hands them to handlers.
     """
+    from voicebot.transports.fastrtc import from_fastrtc, install_clear_queue
+
     rate, samples = to_mono_float32(audio)
     frame_len = max(1, round(rate * FRAME_S))
     stop = threading.Event()
@@ -220,7 +230,7 @@ def drive(
     if on_start is not None:
         on_start(trace)  # lets callers' callbacks read the trace while the call runs
     player = _Player(trace, stop)
-    handler._clear_queue = player.clear  # what FastRTC's track installs
+    install_clear_queue(handler, player.clear)
 
     def pump() -> None:
         while not stop.is_set():
@@ -230,14 +240,11 @@ def drive(
                 logger.exception("emit failed")
                 time.sleep(_EMIT_IDLE_S)
                 continue
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple):
-                item, extra = item  # ((rate, audio), AdditionalOutputs)
-                trace.outputs.extend(extra.args)
-            if isinstance(item, tuple):
-                player.put(to_mono_float32((int(item[0]), item[1])))
-            elif isinstance(item, AdditionalOutputs):
-                trace.outputs.extend(item.args)
-            elif isinstance(item, CloseStream):
+            audio, extra, close = from_fastrtc(item)
+            trace.outputs.extend(extra)
+            if audio is not None:
+                player.put(to_mono_float32(audio))
+            elif close:
                 stop.set()
             elif item is None:
                 time.sleep(_EMIT_IDLE_S)
@@ -311,6 +318,75 @@ class SimulationResult:
     """Everything the agent said at 24 kHz, placed on the input's timeline."""
     updates: list[TurnUpdate] = field(default_factory=list)
     duration_s: float = 0.0
+    outputs: list[Any] = field(default_factory=list)
+    """Everything sent to the page, in order (turn updates and call states)."""
+
+
+def drive_virtual(
+    call: Call,
+    audio: MonoAudio,
+    *,
+    clock: VirtualClock,
+    stop_when: StopRule,
+    max_tail_s: float = 30.0,
+    on_frame: Callable[[CallTrace], None] | None = None,
+) -> CallTrace:
+    """Play ``audio`` into ``call`` on virtual time until ``stop_when`` says so.
+
+    The same 20 ms input frames as ``drive``; outputs are taken every 10 ms of virtual time
+    and played at once (the call paces them itself). ``on_frame`` runs after each frame, to
+    act on the call at a given moment (``trace.t0`` is the start, ``clock.now()`` now).
+    """
+    rate, samples = to_mono_float32(audio)
+    frame_len = max(1, round(rate * FRAME_S))
+    trace = CallTrace(rate=rate, frame_samples=frame_len, t0=clock.now())
+    trace.input_end_sample = samples.size
+    silence = np.zeros(frame_len, np.float32)
+    closed = False
+
+    def take_outputs() -> None:
+        nonlocal closed
+        while (out := call.poll_output()) is not None:
+            if isinstance(out, AudioOut):
+                trace.queued.append((clock.now(), len(trace.played)))
+                trace.played_numbers.append(len(trace.played))
+                trace.played.append((clock.now(), out.samples))
+            elif isinstance(out, CloseCall):
+                closed = True
+            else:
+                trace.outputs.append(out)
+
+    call.start()
+    index = 0
+    try:
+        while not closed:
+            start = index * frame_len
+            frame = samples[start : start + frame_len] if start < samples.size else silence
+            if frame.size < frame_len:
+                frame = np.pad(frame, (0, frame_len - frame.size))
+            trace.input_times.append(clock.now())
+            call.receive((rate, frame))
+            index += 1
+            for _ in range(2):
+                clock.advance(FRAME_S / 2)
+                take_outputs()
+            if on_frame is not None:
+                on_frame(trace)
+            if start >= samples.size:
+                tail_s = (start - samples.size) / rate
+                if stop_when(trace, tail_s):
+                    break
+                if tail_s > max_tail_s:
+                    logger.warning(
+                        "the agent was still busy %.0f s after the input ended", max_tail_s
+                    )
+                    break
+    finally:
+        call.shutdown()
+        clock.settle()
+        take_outputs()
+    trace.duration_s = clock.now() - trace.t0
+    return trace
 
 
 def simulate_call(
@@ -325,30 +401,62 @@ def simulate_call(
     max_tail_s: float = 30.0,
     settle_s: float = 0.6,
     handler: VoiceHandler | None = None,
+    clock: VirtualClock | None = None,
+    call: Call | None = None,
+    on_frame: Callable[[CallTrace], None] | None = None,
 ) -> SimulationResult:
-    """Play ``audio`` into a fresh call and collect the turns and the reply audio."""
-    call = handler or VoiceHandler(
-        runtime,
-        channel="simulate",
-        persona=persona,
-        conversation_id=conversation_id,
-        history=history,
-        sequence_start=sequence_start,
-        greet=greet,
-    )
+    """Play ``audio`` into a fresh call and collect the turns and the reply audio.
+
+    In real time through the FastRTC handler (``handler``, or a new one), as a call runs; or,
+    given a virtual ``clock``, straight into a ``Call`` on that clock (``call``, or a new
+    one), many times faster.
+    """
+    if clock is not None:
+        target = call or Call(
+            runtime,
+            channel="simulate",
+            persona=persona,
+            conversation_id=conversation_id,
+            history=history,
+            sequence_start=sequence_start,
+            greet=greet,
+            clock=clock,
+        )
+        now: Callable[[], float] = clock.now
+        idle: Callable[[], bool] = target.idle
+    else:
+        from voicebot.transports.fastrtc import VoiceHandler
+
+        served = handler or VoiceHandler(
+            runtime,
+            channel="simulate",
+            persona=persona,
+            conversation_id=conversation_id,
+            history=history,
+            sequence_start=sequence_start,
+            greet=greet,
+        )
+        now, idle = time.monotonic, served.idle
     idle_since: list[float] = []
 
     def settled(trace: CallTrace, tail_s: float) -> bool:
-        if not call.idle:
+        if not idle():
             idle_since.clear()
             return False
         if not idle_since:
-            idle_since.append(time.monotonic())
-        return time.monotonic() - idle_since[0] >= settle_s
+            idle_since.append(now())
+        return now() - idle_since[0] >= settle_s
 
-    trace = drive(call, audio, stop_when=settled, max_tail_s=max_tail_s)
+    if clock is not None:
+        trace = drive_virtual(
+            target, audio, clock=clock, stop_when=settled, max_tail_s=max_tail_s, on_frame=on_frame
+        )
+        turns = target.completed_turns
+    else:
+        trace = drive(served, audio, stop_when=settled, max_tail_s=max_tail_s)
+        turns = served.completed_turns
     updates = [u for u in trace.outputs if isinstance(u, TurnUpdate)]
-    return SimulationResult(call.completed_turns, trace.timeline(), updates, trace.duration_s)
+    return SimulationResult(turns, trace.timeline(), updates, trace.duration_s, trace.outputs)
 
 
 def turn_record(turn: Turn) -> dict[str, Any]:

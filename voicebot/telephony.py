@@ -7,8 +7,10 @@ Media Stream to ``…/telephone/handler``. That websocket carries JSON messages 
 drop what Twilio still holds when the caller barges in. Unlike FastRTC's phone handler, a
 malformed message is logged and skipped (the call goes on) and ``clear`` is sent.
 
-Threads: the VoiceHandler's ``receive``/``emit``/``start_up``/``shutdown`` run in worker threads
-(``asyncio.to_thread``), never on the event loop.
+Threads: the handler's ``start_up``/``shutdown`` and its call's ``receive``/``next_output`` run
+in worker threads (``asyncio.to_thread``), never on the event loop. The call is the same
+``voicebot.call`` object every transport drives; the handler is only there for the server's
+start and end hooks.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from voicebot.audio import Samples, resample, to_mono_float32
 from voicebot.conversation import Channel
 
 if TYPE_CHECKING:
+    from voicebot.call.session import Call
     from voicebot.handler import TurnUpdate, VoiceHandler
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ MARK_WAIT_S = 3.0
 """Longest wait for Twilio to confirm it played our last words before we hang up."""
 SPEECH_GAP_S = 0.2
 """No audio for this long ends a stretch of speech (and sends a ``mark``)."""
+OUTPUT_WAIT_S = 0.01
+"""Longest a wait for the call's next output blocks a worker thread."""
 LANGUAGE_TAGS = {"en": "en-US", "ja": "ja-JP"}
 """Twilio ``<Say>`` language per persona language."""
 
@@ -530,8 +535,8 @@ class PhoneCall:
             self._on_start(sid)
         logger.info("phone call %s (stream %s) connected", start.call_sid or "?", sid)
         await asyncio.to_thread(handler.start_up)
-        reader = asyncio.create_task(self._read_loop(handler), name=f"twilio-read-{sid}")
-        player = asyncio.create_task(self._play_loop(handler), name=f"twilio-play-{sid}")
+        reader = asyncio.create_task(self._read_loop(handler.call), name=f"twilio-read-{sid}")
+        player = asyncio.create_task(self._play_loop(handler.call), name=f"twilio-play-{sid}")
         limit = None if self._time_limit_s is None else self._time_limit_s + self._grace_s
         try:
             done, _ = await asyncio.wait(
@@ -551,7 +556,7 @@ class PhoneCall:
                 self._on_end(sid)
             logger.info("phone call %s ended (%d bad messages skipped)", sid, self.skipped)
 
-    async def _read_loop(self, handler: VoiceHandler) -> None:
+    async def _read_loop(self, call: Call) -> None:
         while (message := await self._receive()) is not None:
             event = message["event"]
             if event == "media":
@@ -568,7 +573,7 @@ class PhoneCall:
                 if pcm.size == 0:
                     continue
                 try:
-                    await asyncio.to_thread(handler.receive, (MEDIA_RATE, pcm))
+                    await asyncio.to_thread(call.receive, (MEDIA_RATE, pcm))
                 except Exception:  # a bug in a stage must not end the call
                     logger.exception("media stream %s: receive failed", self.stream_sid)
             elif event == "mark":
@@ -580,33 +585,30 @@ class PhoneCall:
             else:
                 self._skip(f"an unexpected {event!r} message")
 
-    async def _play_loop(self, handler: VoiceHandler) -> None:
-        from fastrtc import AdditionalOutputs, CloseStream
-
-        from voicebot.handler import TurnUpdate
+    async def _play_loop(self, call: Call) -> None:
+        from voicebot.call.events import AudioOut, CloseCall, TurnUpdate
 
         down: Downsampler | None = None
         last_audio: float | None = None
         while True:
-            out = await asyncio.to_thread(handler.emit)
-            if isinstance(out, tuple):
-                rate, samples = to_mono_float32(out)
+            out = await asyncio.to_thread(call.next_output, OUTPUT_WAIT_S)
+            if isinstance(out, AudioOut):
+                rate, samples = to_mono_float32((out.rate, out.samples))
                 if down is None or down.factor * MEDIA_RATE != rate:
                     down = Downsampler(rate) if rate % MEDIA_RATE == 0 else None
                 audio = down(samples) if down is not None else resample(samples, rate, MEDIA_RATE)
                 await self._send_media(audio)
                 last_audio = time.monotonic()
-            elif isinstance(out, CloseStream):
+            elif isinstance(out, CloseCall):
                 # The handler said its last words (time limit): let Twilio play them, hang up.
                 heard = await self._mark("goodbye")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(heard.wait(), MARK_WAIT_S)
                 return
             else:
-                if isinstance(out, AdditionalOutputs) and self._on_update is not None:
-                    for item in out.args:
-                        if isinstance(item, TurnUpdate) and self.stream_sid is not None:
-                            self._on_update(self.stream_sid, item)
+                if isinstance(out, TurnUpdate) and self._on_update is not None:
+                    if self.stream_sid is not None:
+                        self._on_update(self.stream_sid, out)
                 if last_audio is not None and time.monotonic() - last_audio > SPEECH_GAP_S:
                     last_audio = None
                     await self._mark()

@@ -1,0 +1,218 @@
+"""One agent reply as a handle: its state, its texts and timings, and one cancel that reaches
+every stage.
+
+The stages run on two threads per reply: the producer (the LLM stream cut into speakable
+chunks by the chunker, or fixed lines such as the greeting) and TTS, pipelined so the first
+chunk is spoken while the LLM still writes the rest. Transcription is the call's (one pass at
+a time, see ``transcription``); the policy hands a reply its transcript. Stages report to the
+policy only through events; ``cancel`` closes the LLM stream at the next token, stops TTS
+between two pieces of audio, and the policy drops what the playout still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import scipy.signal  # noqa: F401  (resampling: load it with the call, not on the first reply)
+
+from voicebot.audio import Samples, resample
+from voicebot.call.clock import Clock
+from voicebot.call.events import CallEvent, ChunkReady, ReplyProduced, StageFailed
+from voicebot.call.mailbox import Closed, Mailbox
+from voicebot.call.playout import OUTPUT_RATE, Playout
+from voicebot.chunking import Chunker
+from voicebot.conversation import Message, Turn
+from voicebot.errors import StageError
+from voicebot.runtime import PersonaStack
+
+logger = logging.getLogger(__name__)
+
+ReplyState = Literal["pending", "speaking", "paused", "done", "cancelled"]
+TTS_QUEUE_CHUNKS = 32
+
+
+@dataclass
+class StageTimings:
+    """Written by the reply's stage threads, read by the policy when it records the turn."""
+
+    llm_ttft_ms: float | None = None
+    llm_first_chunk_ms: float | None = None
+    tts_first_ms: float | None = None
+
+
+class Reply:
+    """One reply in flight. Owned by the policy thread, except ``cancelled`` (read by every
+    stage) and ``timings`` (written by the stages)."""
+
+    def __init__(
+        self,
+        reply_id: int,
+        turn: Turn | None,
+        joiner: str,
+        *,
+        speech_end_t: float | None = None,
+        closed_t: float | None = None,
+        user_audio: Samples | None = None,
+    ) -> None:
+        self.id = reply_id
+        self.turn = turn
+        """The user turn it answers; None for a fixed line (greeting, goodbye)."""
+        self.joiner = joiner
+        self.speech_end_t = speech_end_t
+        self.closed_t = closed_t
+        self.user_audio = user_audio
+        self.state: ReplyState = "pending"
+        self.texts: list[str] = []
+        """Its chunks, in order, as the producer sent them."""
+        self.stt_request: int | None = None
+        """The transcription it waits for, while pending."""
+        self.first_audio_at: float | None = None
+        self.produced = False
+        """Every stage has finished: no more audio will come."""
+        self.timings = StageTimings()
+        self.caption: Turn | None = None
+        """For the greeting: the sequence-0 turn the page shows it as."""
+        self.started = False
+        """Its stage threads were started (they will report ``ReplyProduced``)."""
+        self.recorded = False
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled")
+
+    def cancel(self) -> None:
+        """Stop every stage: the LLM stream is closed at its next token and TTS stops at its
+        next piece of audio (the policy clears the playout)."""
+        if self.state != "done":
+            self.state = "cancelled"
+        self._cancelled.set()
+
+
+@dataclass(frozen=True)
+class LlmText:
+    """A piece of the reply's text from the LLM stream."""
+
+    text: str
+
+
+LlmEvent = LlmText
+"""What the LLM stage consumes. Tool calls (issue 13) join this union: on one, the stream
+pauses, the tool runs, and a filler line may be spoken if it takes more than 700 ms."""
+
+
+def llm_events(tokens: Iterable[str]) -> Iterator[LlmEvent]:
+    """The chat model's stream as LLM events."""
+    for token in tokens:
+        yield LlmText(token)
+
+
+class ReplyStages:
+    """Starts the stage threads of replies for one call."""
+
+    def __init__(self, clock: Clock, playout: Playout, post: Callable[[CallEvent], None]) -> None:
+        self._clock = clock
+        self._playout = playout
+        self._post = post
+
+    def answer(self, reply: Reply, stack: PersonaStack, messages: list[Message]) -> None:
+        """Speak the LLM's answer to ``messages`` (the apology if it fails)."""
+        self._start(reply, stack, lambda: self._llm_chunks(reply, stack, messages))
+
+    def say(self, reply: Reply, stack: PersonaStack, lines: list[str]) -> None:
+        """Speak fixed lines."""
+        self._start(reply, stack, lambda: iter(lines))
+
+    def _start(
+        self, reply: Reply, stack: PersonaStack, chunks: Callable[[], Iterator[str]]
+    ) -> None:
+        reply.started = True
+        pending: Mailbox[tuple[int, str]] = Mailbox(self._clock, TTS_QUEUE_CHUNKS)
+
+        def produce() -> None:
+            index = 0
+            try:
+                for text in chunks():
+                    if reply.cancelled:
+                        break
+                    self._post(ChunkReady(reply.id, index, text))
+                    pending.put((index, text))
+                    index += 1
+            except Exception:  # a bug in a stage must not end the call
+                logger.exception("reply %d: generation failed", reply.id)
+            finally:
+                pending.close()
+
+        def synthesize() -> None:
+            try:
+                while True:
+                    try:
+                        item = pending.get()
+                    except Closed:
+                        return
+                    if item is not None and not reply.cancelled:
+                        self._synthesize(reply, stack, *item)
+            finally:
+                self._post(ReplyProduced(reply.id))
+
+        self._clock.start_thread(synthesize, f"reply-{reply.id}-tts")
+        self._clock.start_thread(produce, f"reply-{reply.id}-llm")
+
+    def _llm_chunks(
+        self, reply: Reply, stack: PersonaStack, messages: list[Message]
+    ) -> Iterator[str]:
+        """Speakable chunks from the LLM stream; on failure, the persona's apology."""
+        timings = reply.timings
+        chunker = Chunker(language=stack.persona.language)
+        sent = self._clock.now()
+        stream = stack.chat.stream(messages)
+        try:
+            for event in llm_events(stream):
+                if reply.cancelled:
+                    break
+                # Issue 13: a tool-call event pauses the stream here.
+                if timings.llm_ttft_ms is None:
+                    timings.llm_ttft_ms = (self._clock.now() - sent) * 1000
+                chunks = chunker.feed(event.text)
+                if chunks and timings.llm_first_chunk_ms is None:
+                    timings.llm_first_chunk_ms = (self._clock.now() - sent) * 1000
+                yield from chunks
+            else:
+                chunks = chunker.flush()  # a one-chunk reply only completes here
+                if chunks and timings.llm_first_chunk_ms is None:
+                    timings.llm_first_chunk_ms = (self._clock.now() - sent) * 1000
+                yield from chunks
+        except StageError as e:
+            logger.error("reply %d: %s", reply.id, e)
+            self._post(StageFailed(reply.id, "llm", str(e)))
+            yield from chunker.flush()
+            yield stack.persona.apology
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # cancels the HTTP request when we stopped early
+
+    def _synthesize(self, reply: Reply, stack: PersonaStack, index: int, text: str) -> None:
+        ready = self._clock.now()
+        try:
+            for rate, samples in stack.synthesizer.synthesize(text):
+                if reply.timings.tts_first_ms is None:
+                    reply.timings.tts_first_ms = (self._clock.now() - ready) * 1000
+                audio = resample(samples, rate, OUTPUT_RATE)
+                if reply.cancelled or not self._playout.push(reply.id, index, audio):
+                    break
+        except Exception as e:
+            logger.error("reply %d: tts failed: %s", reply.id, e)  # never the text itself
+            self._post(
+                StageFailed(reply.id, "tts", str(e) if isinstance(e, StageError) else f"tts: {e}")
+            )
+        finally:
+            self._playout.end_chunk(reply.id, index)

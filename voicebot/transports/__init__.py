@@ -1,0 +1,1 @@
+"""Transports that drive a call: FastRTC (WebRTC and its websocket)."""
