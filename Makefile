@@ -15,11 +15,11 @@ $(BIN)/activate:
 	$(BIN)/pip install -q uv
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
-	$(UV) pip install --python $(BIN)/python -q -e '.[ja]'
+	$(UV) pip install --python $(BIN)/python -q --compile-bytecode -e '.[ja]'
 	@touch $@
 
 $(VENV)/.installed-test: $(BIN)/activate pyproject.toml
-	$(UV) pip install --python $(BIN)/python -q -e '.[ja,test,bench]'
+	$(UV) pip install --python $(BIN)/python -q --compile-bytecode -e '.[ja,test,bench]'
 	@touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed ## Create the virtual environment and install voicebot
@@ -43,11 +43,11 @@ test: check ## Install what tests need, then lint, type-check and run the tests
 	$(BIN)/python -m pytest -q
 
 bench: install ## voice-to-voice benchmark against the FastRTC cookbook pipeline
-	$(UV) pip install --python $(BIN)/python -q -e '.[ja,test,bench]'
+	$(UV) pip install --python $(BIN)/python -q --compile-bytecode -e '.[ja,test,bench]'
 	$(BIN)/voicebot bench --llm-profile gpu-8b --json out/bench.json --plot out/bench.png
 
 bench-gpu: install ## The benchmark on an NVIDIA GPU (STT on CUDA; one pass, ~5 min)
-	$(UV) pip install --python $(BIN)/python -q -e '.[ja,test,bench,gpu]'
+	$(UV) pip install --python $(BIN)/python -q --compile-bytecode -e '.[ja,test,bench,gpu]'
 	$(BIN)/voicebot doctor || true  # names a missing CUDA library
 	VOICEBOT_DEVICE=cuda timeout 480 $(BIN)/voicebot bench --repeats 1 --sessions 4 \
 		--llm-profile gpu-8b --json out/bench-gpu.json --plot out/bench-gpu.png
