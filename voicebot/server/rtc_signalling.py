@@ -127,8 +127,16 @@ async def answer_offer(
     when FastRTC fails or refuses."""
     webrtc_id = body["webrtc_id"]
     answer = answer or mixin.handle_offer
+
+    def live_outputs(outputs: Any) -> None:
+        # FastRTC's output map is a defaultdict: an update the call sends as it ends (its last
+        # status, the final turn), after FastRTC cleaned the connection up, would make a new
+        # entry that nothing ever removes. Only a live connection's outputs are kept.
+        if webrtc_id in mixin.pcs:
+            set_outputs(outputs)
+
     try:
-        reply = await answer(body, set_outputs)
+        reply = await answer(body, live_outputs)
     except Exception as e:
         await discard(mixin, webrtc_id)
         raise OfferError(f"could not answer this offer: {type(e).__name__}: {e}") from e
