@@ -35,10 +35,11 @@ def test_embedded_server_started_and_migrated(pg_database: Database) -> None:
 def test_migrations_are_idempotent(pg_fresh_dsn: str) -> None:
     with psycopg.connect(pg_fresh_dsn, autocommit=True) as conn:
         assert migrations.current_version(conn) is None
-        assert migrations.migrate(conn) == [1, 2]
+        assert migrations.migrate(conn) == [m.version for m in migrations.available()]
         assert migrations.migrate(conn) == []
         rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1").fetchall()
-    assert rows == [(1, "init"), (2, "llm_first_chunk")]
+    assert rows[:3] == [(1, "init"), (2, "llm_first_chunk"), (3, "reservations_tool_calls")]
+    assert rows == [(m.version, m.name) for m in migrations.available()]
 
 
 def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:
@@ -61,7 +62,9 @@ def test_concurrent_migrations_apply_once(pg_fresh_dsn: str) -> None:
         t.join()
     assert not errors
     # each version exactly once, whichever runner got to it (each file is its own transaction)
-    assert sorted(v for versions in applied for v in versions) == [1, 2]
+    assert sorted(v for versions in applied for v in versions) == [
+        m.version for m in migrations.available()
+    ]
 
 
 def test_unreachable_dsn_is_one_clear_config_error(tmp_path) -> None:

@@ -12,8 +12,26 @@ import pytest
 
 from voicebot.conversation import Message
 from voicebot.errors import ConfigError, StageError
-from voicebot.llm import ChatModel, OllamaChat, build_messages, make_client, pull_model
-from voicebot.ollama_server import OllamaProtocolServer, Script, echo_reply
+from voicebot.llm import (
+    AssistantToolCalls,
+    ChatModel,
+    OllamaChat,
+    ToolCallRequest,
+    ToolChatModel,
+    ToolResult,
+    build_messages,
+    make_client,
+    pull_model,
+)
+from voicebot.ollama_server import (
+    ConversationScript,
+    OllamaProtocolServer,
+    Rule,
+    Script,
+    ScriptedReply,
+    ScriptedToolCall,
+    echo_reply,
+)
 
 MODEL = "llama3.2:3b"
 
@@ -254,6 +272,68 @@ def test_mock_transport_and_timeouts():
     assert client._client.timeout == httpx.Timeout(7, connect=1.5)
     assert list(OllamaChat(client, MODEL).stream(user("hi"))) == ["Hel", "lo."]
     assert json.loads(seen[0].content)["keep_alive"] == "30m"
+
+
+# -- tools --------------------------------------------------------------------------------
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "check_availability",
+        "description": "Check a table.",
+        "parameters": {
+            "type": "object",
+            "properties": {"party_size": {"type": "integer", "description": "people"}},
+            "required": ["party_size"],
+        },
+    },
+}
+
+
+def test_stream_with_tools_surfaces_tool_calls_in_order():
+    reply = ScriptedReply("Checking.", (ScriptedToolCall("check_availability", {"party_size": 2}),))
+    script = ConversationScript([Rule("Free.", after_tool="check_availability")], default=reply)
+    with OllamaProtocolServer(script=script) as srv:
+        chat: ToolChatModel = OllamaChat(make_client(srv.base_url, timeout_s=2), MODEL)
+        events = list(chat.stream_with_tools(user("a table?"), [TOOL]))
+        assert "".join(e for e in events if isinstance(e, str)) == "Checking."
+        assert events[-1] == ToolCallRequest("check_availability", {"party_size": 2})
+        call = events[-1]
+        follow = [
+            *user("a table?"),
+            AssistantToolCalls("Checking.", (call,)),
+            ToolResult("check_availability", "available"),
+        ]
+        assert "".join(e for e in chat.stream_with_tools(follow, [TOOL])) == "Free."
+        first, second = srv.chat_requests()
+    assert first.tools == [TOOL]
+    assert second.messages[1:] == [
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {"function": {"name": "check_availability", "arguments": {"party_size": 2}}}
+            ],
+        },
+        {"role": "tool", "content": "available", "tool_name": "check_availability"},
+    ]
+
+
+def test_plain_stream_sends_no_tools_and_ignores_tool_calls():
+    reply = ScriptedReply("Hi.", (ScriptedToolCall("check_availability", {}),))
+    with OllamaProtocolServer(script=ConversationScript([], default=reply)) as srv:
+        chat = OllamaChat(make_client(srv.base_url, timeout_s=2), MODEL)
+        assert list(chat.stream(user("x"))) == ["Hi."]
+        assert srv.chat_requests()[0].tools == []
+        assert not srv.chat_requests()[0].body.get("tools")
+
+
+def test_tool_call_with_non_object_arguments_is_a_stage_error():
+    bad = ScriptedReply("", (ScriptedToolCall("check_availability", "party_size=2"),))
+    with OllamaProtocolServer(script=ConversationScript([], default=bad)) as srv:
+        chat = OllamaChat(make_client(srv.base_url, timeout_s=2), MODEL)
+        with pytest.raises(StageError, match="unexpected reply from Ollama"):
+            list(chat.stream_with_tools(user("x"), [TOOL]))
 
 
 # -- warm-up, check, pull ---------------------------------------------------------------

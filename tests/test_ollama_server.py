@@ -17,9 +17,13 @@ import pytest
 
 from voicebot.ollama_server import (
     PROFILES,
+    ConversationScript,
     LlmProfile,
     OllamaProtocolServer,
+    Rule,
     Script,
+    ScriptedReply,
+    ScriptedToolCall,
     echo_reply,
     tokenize,
 )
@@ -284,3 +288,166 @@ def test_runs_as_a_standalone_process():
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# -- tool calls ---------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "check_availability",
+            "description": "Check a table.",
+            "parameters": {
+                "type": "object",
+                "properties": {"date": {"type": "string"}, "party_size": {"type": "integer"}},
+                "required": ["date", "party_size"],
+            },
+        },
+    }
+]
+CHECK = ScriptedToolCall("check_availability", {"date": "2026-12-05", "party_size": 2})
+
+
+def tool_server(reply: ScriptedReply) -> OllamaProtocolServer:
+    return OllamaProtocolServer("instant", script=ConversationScript([], default=reply))
+
+
+def test_tool_calls_stream_like_ollama():
+    with tool_server(ScriptedReply("Let me check.", (CHECK,))) as srv:
+        body = chat_body("a table", tools=TOOLS)
+        with httpx.stream("POST", srv.base_url + "/api/chat", json=body) as r:
+            lines = [json.loads(line) for line in r.iter_lines()]
+        recorded = srv.chat_requests()[0]
+    *parts, calls, final = lines
+    assert "".join(p["message"]["content"] for p in parts) == "Let me check."
+    assert calls["done"] is False and calls["message"]["content"] == ""
+    assert calls["message"]["tool_calls"] == [
+        {
+            "function": {
+                "name": "check_availability",
+                "arguments": {"date": "2026-12-05", "party_size": 2},
+            }
+        }
+    ]
+    assert isinstance(calls["message"]["tool_calls"][0]["function"]["arguments"], dict)
+    assert final["done"] is True and "tool_calls" not in final["message"]
+    assert recorded.tools == TOOLS and recorded.tool_calls == calls["message"]["tool_calls"]
+
+
+def test_tool_calls_only_when_tools_are_offered():
+    with tool_server(ScriptedReply("Let me check.", (CHECK,))) as srv:
+        lines = [
+            json.loads(line)
+            for line in httpx.post(srv.base_url + "/api/chat", json=chat_body()).text.splitlines()
+        ]
+        assert all("tool_calls" not in line["message"] for line in lines)
+        single = httpx.post(
+            srv.base_url + "/api/chat", json=chat_body(stream=False, tools=TOOLS)
+        ).json()
+        assert single["message"]["tool_calls"][0]["function"]["name"] == "check_availability"
+
+
+def test_the_real_client_parses_tool_calls_and_sends_tool_messages():
+    script = ConversationScript(
+        [
+            Rule(ScriptedReply("", (CHECK,)), user="table"),
+            Rule("Free at seven.", after_tool="check_availability", result_contains="available"),
+            Rule("Full, sorry.", after_tool="check_availability"),
+        ]
+    )
+    with OllamaProtocolServer("instant", script=script) as srv:
+        client = ollama.Client(host=srv.base_url, timeout=5)
+        parts = list(
+            client.chat("m", [{"role": "user", "content": "A table?"}], tools=TOOLS, stream=True)
+        )
+        calls = [c for p in parts for c in p.message.tool_calls or []]
+        assert calls[0].function.name == "check_availability"
+        assert calls[0].function.arguments == {"date": "2026-12-05", "party_size": 2}
+        history = [
+            {"role": "user", "content": "A table?"},
+            {"role": "assistant", "content": "", "tool_calls": [calls[0].model_dump()]},
+        ]
+        for result, answer in (("available: 19:00", "Free at seven."), ("full", "Full, sorry.")):
+            tool = {"role": "tool", "content": result, "tool_name": "check_availability"}
+            reply = client.chat("m", [*history, tool], tools=TOOLS, stream=False)
+            assert reply.message.content == answer
+        # Without tool_name (older servers), the tool is the last call's.
+        reply = client.chat("m", [*history, {"role": "tool", "content": "full"}], stream=False)
+        assert reply.message.content == "Full, sorry."
+        recorded = srv.chat_requests()[1].messages
+    assert recorded[-1] == {
+        "role": "tool",
+        "content": "available: 19:00",
+        "tool_name": "check_availability",
+    }
+    assert recorded[-2]["tool_calls"][0]["function"]["name"] == "check_availability"
+
+
+def test_conversation_script_rules():
+    rules = [
+        Rule("booked reply", after_tool="create", result_contains="booked"),
+        Rule("hello reply", user="HELLO"),
+        Rule("anything"),
+    ]
+    script = ConversationScript(rules)
+    user = [{"role": "user", "content": "well, hello"}]
+    assert script.reply(user) == "hello reply"
+    tool = [*user, {"role": "tool", "content": "Booked: yes", "tool_name": "create"}]
+    assert script.reply(tool) == "booked reply"
+    assert script.reply([*user, {"role": "tool", "content": "no", "tool_name": "create"}]) == (
+        "anything"
+    )
+    assert ConversationScript([]).reply(user) == echo_reply("well, hello")
+
+
+def test_json_script_on_the_command_line(tmp_path):
+    script = {
+        "rules": [
+            {
+                "user": "table",
+                "tool_calls": [{"name": "check_availability", "arguments": {"party_size": 2}}],
+            },
+            {"after_tool": "check_availability", "text": "We have one."},
+        ],
+        "default": "Sorry?",
+    }
+    parsed = ConversationScript.from_json(script)
+    assert parsed.rules[0].reply == ScriptedReply(
+        "", (ScriptedToolCall("check_availability", {"party_size": 2}),)
+    )
+    with pytest.raises(ValueError, match="not a conversation script"):
+        ConversationScript.from_json({"rules": [{"tool_calls": [{"arguments": {}}]}]})
+    path = tmp_path / "script.json"
+    path.write_text(json.dumps(script))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "voicebot.ollama_server", "--profile", "instant"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--script", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = ollama.Client(f"http://127.0.0.1:{port}", timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reply = client.chat(
+                    "m", [{"role": "user", "content": "a table"}], tools=TOOLS, stream=False
+                )
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert reply.message.tool_calls[0].function.arguments == {"party_size": 2}
+        assert client.chat("m", [{"role": "user", "content": "hm"}]).message.content == "Sorry?"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    run = subprocess.run([*cmd, "--script", str(bad)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "bad.json" in run.stderr

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from voicebot.errors import VoicebotError
+from voicebot.reservations.cli import register as _register_reservations
 from voicebot.settings import Settings
 
 app = typer.Typer(
@@ -343,6 +344,7 @@ def _register_store_commands() -> None:
 
 
 _register_store_commands()
+_register_reservations(app, lambda: make_settings())
 
 
 @app.command()

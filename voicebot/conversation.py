@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 Channel = Literal["web", "phone", "api", "simulate"]
@@ -61,6 +61,24 @@ class Conversation:
     caller_ref: str | None = None
 
 
+@dataclass(frozen=True)
+class ToolCallRecord:
+    """One tool the model called during a turn, and how it went.
+
+    arguments: what the model sent (JSON, as received; may be invalid for the tool).
+    result: what the model was told (the tool's answer, or why the call failed).
+    tool_ms: how long the tool ran; None when it never started (unknown tool, bad arguments).
+    error: None when the tool answered; else "invalid_arguments", "unknown_tool", "timeout",
+        "failed" or "cancelled".
+    """
+
+    name: str
+    arguments: dict[str, Any]
+    result: str
+    tool_ms: float | None = None
+    error: str | None = None
+
+
 @dataclass
 class Turn:
     """One user utterance and the agent's answer, as it was actually played."""
@@ -78,6 +96,8 @@ class Turn:
     started_at: datetime = field(default_factory=utc_now)
     ended_at: datetime | None = None
     turn_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    """The tools the model called during this turn, in order."""
 
     def history_messages(self) -> list[Message]:
         """The messages this turn contributes to the LLM's history window."""

@@ -1,5 +1,9 @@
 """The chat stage: stream a reply from Ollama through the official ``ollama`` client.
 
+``OllamaChat.stream(messages)`` yields text; ``OllamaChat.stream_with_tools(messages, tools)``
+also yields the model's ``ToolCallRequest``s (Ollama's ``message.tool_calls``), and takes the
+tool round-trip messages (``AssistantToolCalls``, ``ToolResult``) in ``messages``.
+
 Every failure during a turn becomes ``StageError("llm", ...)`` with a plain message (the
 call survives); start-up checks raise ``ConfigError`` saying how to fix it.
 """
@@ -8,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import httpx
 import ollama
@@ -21,6 +26,39 @@ logger = logging.getLogger(__name__)
 STAGE = "llm"
 
 
+@dataclass(frozen=True)
+class ToolCallRequest:
+    """One tool call the model asked for: a tool name and its arguments (JSON, unvalidated)."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssistantToolCalls:
+    """The assistant message that asked for tools; it precedes their ``ToolResult``s."""
+
+    content: str
+    calls: tuple[ToolCallRequest, ...]
+    role: Literal["assistant"] = "assistant"
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """A tool's answer, sent back to the model as a ``tool`` message."""
+
+    tool_name: str
+    content: str
+    role: Literal["tool"] = "tool"
+
+
+ChatMessage = Message | AssistantToolCalls | ToolResult
+"""Anything a chat request may hold: plain messages and the tool round trip."""
+
+ToolSchema = Mapping[str, Any]
+"""One entry of Ollama's ``tools``: ``{"type": "function", "function": {...}}``."""
+
+
 class ChatModel(Protocol):
     """A chat LLM: streams the reply to ``messages`` as content deltas.
 
@@ -30,6 +68,19 @@ class ChatModel(Protocol):
     name: str
 
     def stream(self, messages: Sequence[Message]) -> Iterator[str]: ...
+
+
+class ToolChatModel(Protocol):
+    """A chat LLM that can call tools: streams content deltas and tool calls, in order.
+
+    Closing the returned iterator cancels the request at once.
+    """
+
+    name: str
+
+    def stream_with_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSchema]
+    ) -> Iterator[str | ToolCallRequest]: ...
 
 
 def make_client(
@@ -123,13 +174,31 @@ class OllamaChat:
         Raises ``StageError("llm", ...)`` on any failure; closing the generator closes the
         HTTP stream, so the server sees the disconnect and stops generating.
         """
-        payload = [{"role": m.role, "content": m.content} for m in messages]
+        events = self._chat(messages, ())
+        try:
+            for event in events:
+                if isinstance(event, str):
+                    yield event
+        finally:
+            events.close()
+
+    def stream_with_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSchema]
+    ) -> Generator[str | ToolCallRequest, None, None]:
+        """Like ``stream``, offering ``tools``; the model's tool calls come out in order."""
+        return self._chat(messages, tools)
+
+    def _chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSchema]
+    ) -> Generator[str | ToolCallRequest, None, None]:
+        payload = [_wire_message(m) for m in messages]
         parts: Iterator[ollama.ChatResponse] = iter(())
         finished = False
         try:
             parts = self.client.chat(
                 model=self.name,
                 messages=payload,
+                tools=list(tools) or None,
                 stream=True,
                 options=self.options,
                 keep_alive=self.keep_alive,
@@ -138,6 +207,8 @@ class OllamaChat:
                 content = part.message.content
                 if content:
                     yield content
+                for call in part.message.tool_calls or ():
+                    yield ToolCallRequest(call.function.name, dict(call.function.arguments))
                 if part.done:
                     finished = True
                     logger.debug(
@@ -206,6 +277,21 @@ def pull_model(
         ) from e
 
 
+def _wire_message(message: ChatMessage) -> dict[str, Any]:
+    """One message as Ollama's ``/api/chat`` takes it."""
+    if isinstance(message, AssistantToolCalls):
+        return {
+            "role": "assistant",
+            "content": message.content,
+            "tool_calls": [
+                {"function": {"name": c.name, "arguments": c.arguments}} for c in message.calls
+            ],
+        }
+    if isinstance(message, ToolResult):
+        return {"role": "tool", "content": message.content, "tool_name": message.tool_name}
+    return {"role": message.role, "content": message.content}
+
+
 def build_messages(
     system_prompt: str,
     history: Sequence[Message],
@@ -230,8 +316,14 @@ def build_messages(
 
 
 __all__ = [
+    "AssistantToolCalls",
+    "ChatMessage",
     "ChatModel",
     "OllamaChat",
+    "ToolCallRequest",
+    "ToolChatModel",
+    "ToolResult",
+    "ToolSchema",
     "build_messages",
     "make_client",
     "pull_model",

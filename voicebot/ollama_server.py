@@ -12,6 +12,12 @@ from a :class:`Script` and faults switchable at runtime through ``server.fault``
 ``hang``                 ``/api/chat`` sends nothing at all until the client goes away
 ``disconnect_midstream`` a few tokens, then the connection is closed without finishing
 
+Tool calls: a script may answer with a :class:`ScriptedReply` holding ``tool_calls``; when the
+request offered ``tools``, they go out as Ollama sends them, in one chunk whose
+``message.tool_calls`` is ``[{"function": {"name", "arguments": {...}}}]`` after the text and
+before the ``done`` line. ``ConversationScript`` picks replies by the conversation so far (the
+user's last words, or the tool result the request ends with); ``tool`` messages are accepted.
+
 Built on ``http.server.ThreadingHTTPServer`` (one thread per connection, chunked transfer
 encoding) so it needs no dependency and each stream can watch its own socket: a client
 that closes its connection is noticed before the next token and recorded.
@@ -86,6 +92,65 @@ def echo_reply(user_text: str) -> str:
     return f"You said: {text}. That is an interesting point. Tell me more about it."
 
 
+@dataclass(frozen=True)
+class ScriptedToolCall:
+    """A tool call the scripted model makes; ``arguments`` go out as given (any JSON)."""
+
+    name: str
+    arguments: Any = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """A scripted model turn: text (streamed token by token), then tool calls (if offered)."""
+
+    text: str = ""
+    tool_calls: tuple[ScriptedToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a ``ConversationScript`` gives ``reply``.
+
+    user: the request ends with a user message containing this (case-insensitive).
+    after_tool: the request ends with a ``tool`` message from this tool ...
+    result_contains: ... whose content contains this (case-insensitive).
+    A rule with neither ``user`` nor ``after_tool`` matches any request.
+    """
+
+    reply: ScriptedReply | str
+    user: str | None = None
+    after_tool: str | None = None
+    result_contains: str | None = None
+
+    def matches(self, messages: Sequence[Mapping[str, Any]]) -> bool:
+        last = messages[-1] if messages else {}
+        role = last.get("role")
+        content = str(last.get("content") or "").lower()
+        if self.user is not None:
+            return role == "user" and self.user.lower() in content
+        if self.after_tool is not None:
+            return (
+                role == "tool"
+                and _tool_name_of(messages) == self.after_tool
+                and (self.result_contains is None or self.result_contains.lower() in content)
+            )
+        return True
+
+
+def _tool_name_of(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """The tool a trailing ``tool`` message answers: its ``tool_name``, else the last call's."""
+    last = messages[-1]
+    if last.get("tool_name"):
+        return str(last["tool_name"])
+    for message in reversed(messages):
+        calls = message.get("tool_calls") or []
+        if message.get("role") == "assistant" and calls:
+            function = calls[-1].get("function") or {}
+            return str(function.get("name") or "") or None
+    return None
+
+
 class Script:
     """Reply policy: a fixed list of replies used in turn (cycled), else an echo of the user."""
 
@@ -94,7 +159,7 @@ class Script:
         self._lock = threading.Lock()
         self._cycle = itertools.cycle(self._replies) if self._replies else None
 
-    def reply(self, messages: Sequence[Mapping[str, Any]]) -> str:
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> str | ScriptedReply:
         """The reply to a chat request's messages."""
         if self._cycle is not None:
             with self._lock:
@@ -104,6 +169,61 @@ class Script:
             "",
         )
         return echo_reply(last_user)
+
+
+class ConversationScript(Script):
+    """Replies chosen by the conversation so far: the first matching ``Rule`` wins; without
+    one, ``default`` (or an echo of the user when ``default`` is None)."""
+
+    def __init__(self, rules: Sequence[Rule], default: ScriptedReply | str | None = None) -> None:
+        super().__init__()
+        self.rules = list(rules)
+        self.default = default
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConversationScript:
+        """A script from JSON (``--script FILE``)::
+
+            {"rules": [{"user": "table", "text": "", "tool_calls":
+                        [{"name": "check_availability", "arguments": {...}}]},
+                       {"after_tool": "check_availability", "result_contains": "available",
+                        "text": "We have a table."}],
+             "default": "Sorry?"}
+
+        Raises ValueError for anything else.
+        """
+
+        def reply(item: Mapping[str, Any]) -> ScriptedReply:
+            calls = item.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise ValueError("tool_calls must be a list")
+            return ScriptedReply(
+                str(item.get("text") or ""),
+                tuple(ScriptedToolCall(str(c["name"]), c.get("arguments", {})) for c in calls),
+            )
+
+        try:
+            rules = [
+                Rule(
+                    reply(item),
+                    user=item.get("user"),
+                    after_tool=item.get("after_tool"),
+                    result_contains=item.get("result_contains"),
+                )
+                for item in data.get("rules") or []
+            ]
+            default = data.get("default")
+            return cls(
+                rules, default if default is None or isinstance(default, str) else reply(default)
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a conversation script: {e!r}") from e
+
+    def reply(self, messages: Sequence[Mapping[str, Any]]) -> str | ScriptedReply:
+        for rule in self.rules:
+            if rule.matches(messages):
+                return rule.reply
+        return self.default if self.default is not None else super().reply(messages)
 
 
 @dataclass
@@ -118,7 +238,10 @@ class RecordedRequest:
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
     stream: bool = True
+    tools: list[dict[str, Any]] = field(default_factory=list)
     reply: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """The tool calls sent back (Ollama's wire form)."""
     tokens_planned: int = 0
     tokens_sent: int = 0
     client_disconnected: bool = False
@@ -473,7 +596,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "template": "{{ .Prompt }}",
                 "details": _details(name),
                 "model_info": {"general.architecture": "llama"},
-                "capabilities": ["completion"],
+                "capabilities": ["completion", "tools"],
                 "modified_at": _now_rfc3339(),
             },
         )
@@ -515,6 +638,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rec.options = body.get("options")
         rec.keep_alive = body.get("keep_alive")
         rec.stream = body.get("stream", True) is not False
+        rec.tools = [dict(t) for t in body.get("tools") or [] if isinstance(t, Mapping)]
         fault = owner.fault
         started = time.monotonic()
 
@@ -539,8 +663,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, self._final(name, "load", started, 0, 0, 0.0))
             return
 
-        reply = owner.script.reply(rec.messages)
-        tokens = tokenize(reply)
+        scripted = owner.script.reply(rec.messages)
+        if isinstance(scripted, str):
+            scripted = ScriptedReply(scripted)
+        # Like Ollama: a model only calls tools the request offered.
+        if rec.tools:
+            rec.tool_calls = [
+                {"function": {"name": c.name, "arguments": c.arguments}}
+                for c in scripted.tool_calls
+            ]
+        tokens = tokenize(scripted.text)
         num_predict = (rec.options or {}).get("num_predict")
         done_reason = "stop"
         if isinstance(num_predict, int) and 0 < num_predict < len(tokens):
@@ -559,6 +691,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._wait(ttft + interval * max(len(tokens) - 1, 0))
             final = self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
             final["message"]["content"] = rec.reply
+            if rec.tool_calls:
+                final["message"]["tool_calls"] = rec.tool_calls
             rec.tokens_sent = len(tokens)
             self._send_json(200, final)
             return
@@ -581,6 +715,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
             rec.tokens_sent += 1
         else:
+            if rec.tool_calls:
+                self._wait(first_at + len(tokens) * interval - time.monotonic())
+                self._send_line(
+                    {
+                        "model": name,
+                        "created_at": _now_rfc3339(),
+                        "message": {
+                            "role": "assistant",
+                            "content": "",
+                            "tool_calls": rec.tool_calls,
+                        },
+                        "done": False,
+                    }
+                )
             self._send_line(
                 self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
             )
@@ -715,9 +863,14 @@ def _keep_alive_seconds(value: str | float | None) -> float:
     return float(match.group(1)) * scale
 
 
-def serve(profile: LlmProfile | str = "gpu-8b", host: str = "127.0.0.1", port: int = 11434) -> None:
+def serve(
+    profile: LlmProfile | str = "gpu-8b",
+    host: str = "127.0.0.1",
+    port: int = 11434,
+    script: Script | None = None,
+) -> None:
     """Run the server in the foreground until interrupted."""
-    server = OllamaProtocolServer(profile, host=host, port=port)
+    server = OllamaProtocolServer(profile, host=host, port=port, script=script)
     url = server.start()
     logger.info("serving Ollama's API at %s; Ctrl-C stops", url)
     try:
@@ -735,19 +888,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu-8b")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument(
+        "--script", help="JSON conversation script (see ConversationScript.from_json)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serve(cast(str, args.profile), args.host, args.port)
+    script = None
+    if args.script:
+        try:
+            with open(args.script, encoding="utf-8") as f:
+                script = ConversationScript.from_json(json.load(f))
+        except (OSError, ValueError) as e:
+            parser.error(f"--script {args.script}: {e}")
+    serve(cast(str, args.profile), args.host, args.port, script)
 
 
 __all__ = [
     "FAULTS",
     "PROFILES",
+    "ConversationScript",
     "Fault",
     "LlmProfile",
     "OllamaProtocolServer",
     "RecordedRequest",
+    "Rule",
     "Script",
+    "ScriptedReply",
+    "ScriptedToolCall",
     "echo_reply",
     "main",
     "serve",

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from voicebot.errors import ConfigError
+from voicebot.reservations.rules import WEEKDAYS, RestaurantRules
+
+_WEEKDAYS_JA = ("月", "火", "水", "木", "金", "土", "日")
 
 
 class Sampling(BaseModel):
@@ -50,6 +55,45 @@ class Persona(BaseModel):
     sampling: Sampling = Field(default_factory=lambda: Sampling())
     backchannels: tuple[str, ...] = ()
     """Short acknowledgements (aizuchi) that must not stop the agent; empty = language default."""
+    timezone: str | None = None
+    """IANA time zone (e.g. Asia/Tokyo): today's date in the prompt, dates the tools resolve."""
+    tools: tuple[str, ...] = ()
+    """Tools the model may call (built-in names or ``voicebot.tools`` entry points)."""
+    tool_filler: str = ""
+    """Said when a tool takes a while ("One moment, I'll check.")."""
+    tool_apology: str = ""
+    """Said once when a tool fails or times out; empty = ``apology``."""
+    restaurant: RestaurantRules | None = None
+    """Booking rules for the reservation tools."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as e:
+                raise ValueError(f"unknown time zone {value!r} (e.g. Asia/Tokyo, UTC)") from e
+        return value
+
+    def system_prompt_at(self, now: datetime) -> str:
+        """The system prompt with today's date in the persona's time zone (when it has one),
+        so that the model can turn "next Saturday" into a date."""
+        if self.timezone is None:
+            return self.system_prompt
+        local = now.astimezone(ZoneInfo(self.timezone))
+        if self.language == "ja":
+            today = (
+                f"今日は{local.year}年{local.month}月{local.day}日"
+                f"（{_WEEKDAYS_JA[local.weekday()]}曜日）、現在{local:%H:%M}です"
+                f"（{local.date().isoformat()}）。"
+            )
+        else:
+            today = (
+                f"Today is {WEEKDAYS[local.weekday()]}, {local.date().isoformat()}; "
+                f"the time is {local:%H:%M} ({self.timezone})."
+            )
+        return f"{self.system_prompt.rstrip()}\n\n{today}\n"
 
 
 def load_persona(path: Path) -> Persona:
@@ -68,12 +112,30 @@ def load_persona(path: Path) -> Persona:
             for err in e.errors()
         )
         raise ConfigError(f"persona file {path}: {problems}") from e
+    tool_problems = _tool_problems(persona)
+    if tool_problems:
+        raise ConfigError(f"persona file {path}: {'; '.join(tool_problems)}")
     if persona.name != path.stem:
         raise ConfigError(
             f"persona file {path}: field 'name': '{persona.name}' must match the file name "
             f"'{path.stem}'"
         )
     return persona
+
+
+def _tool_problems(persona: Persona) -> list[str]:
+    if not persona.tools:
+        return []
+    from voicebot.tools.registry import available_tools, check_tool_names
+
+    registry = available_tools()
+    problems = check_tool_names(persona.tools, registry)
+    for name in persona.tools:
+        tool = registry.get(name)
+        for needed in tool.persona_fields if tool else ():
+            if getattr(persona, needed) is None:
+                problems.append(f"field '{needed}': required by the tool {name!r}")
+    return list(dict.fromkeys(problems))
 
 
 def load_personas(directory: Path) -> dict[str, Persona]:

@@ -38,9 +38,18 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from voicebot.conversation import TIMING_FIELDS, Channel, Conversation, Timings, Turn, utc_now
+from voicebot.conversation import (
+    TIMING_FIELDS,
+    Channel,
+    Conversation,
+    Timings,
+    ToolCallRecord,
+    Turn,
+    utc_now,
+)
 from voicebot.errors import StageError
 
 logger = logging.getLogger(__name__)
@@ -158,7 +167,32 @@ def turn_record(turn: Turn) -> Record:
         "tts_model": _opt_str(turn.tts_model),
         "started_at": _iso(turn.started_at),
         "ended_at": _iso(turn.ended_at),
+        "tool_calls": [tool_call_json(c) for c in turn.tool_calls],
     }
+
+
+def tool_call_json(call: ToolCallRecord) -> dict[str, Any]:
+    """One tool call as stored in ``turns.tool_calls`` (jsonb) and spooled."""
+    return {
+        "name": call.name,
+        "arguments": call.arguments,
+        "result": call.result,
+        "tool_ms": _ms(call.tool_ms),
+        "error": call.error,
+    }
+
+
+def _tool_calls(value: Any) -> list[ToolCallRecord]:
+    return [
+        ToolCallRecord(
+            name=str(c["name"]),
+            arguments=dict(c.get("arguments") or {}),
+            result=str(c.get("result") or ""),
+            tool_ms=None if c.get("tool_ms") is None else float(c["tool_ms"]),
+            error=c.get("error"),
+        )
+        for c in value or []
+    ]
 
 
 def _sql_params(record: Record) -> Record:
@@ -193,6 +227,7 @@ def _sql_params(record: Record) -> Record:
             "tts_model": record.get("tts_model"),
             "started_at": _dt(record["started_at"]),
             "ended_at": _dt(record.get("ended_at")),
+            "tool_calls": Jsonb([tool_call_json(c) for c in _tool_calls(record.get("tool_calls"))]),
         }
         for name in _TIMING_FIELDS:
             value = record.get(name)
@@ -230,12 +265,12 @@ WITH inserted AS (
     INSERT INTO turns (
         id, conversation_id, seq, user_text, assistant_text, interrupted, error,
         endpoint_ms, stt_ms, llm_ttft_ms, llm_first_chunk_ms, tts_first_ms, v2v_ms,
-        bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at
+        bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at, tool_calls
     ) VALUES (
         %(id)s, %(conversation_id)s, %(seq)s, %(user_text)s, %(assistant_text)s,
         %(interrupted)s, %(error)s, %(endpoint_ms)s, %(stt_ms)s, %(llm_ttft_ms)s,
         %(llm_first_chunk_ms)s, %(tts_first_ms)s, %(v2v_ms)s, %(bargein_stop_ms)s,
-        %(stt_model)s, %(llm_model)s, %(tts_model)s, %(started_at)s, %(ended_at)s
+        %(stt_model)s, %(llm_model)s, %(tts_model)s, %(started_at)s, %(ended_at)s, %(tool_calls)s
     )
     ON CONFLICT (id) DO NOTHING
     RETURNING id, conversation_id, seq
@@ -713,7 +748,8 @@ _TURN_COLUMNS = sql.SQL(
     """
     id, conversation_id, seq, user_text, assistant_text, interrupted, error,
     endpoint_ms, stt_ms, llm_ttft_ms, llm_first_chunk_ms, tts_first_ms, v2v_ms,
-    bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at, created_at
+    bargein_stop_ms, stt_model, llm_model, tts_model, started_at, ended_at, created_at,
+    tool_calls
     """
 )
 
@@ -767,6 +803,7 @@ def _stored_turn(row: dict[str, Any]) -> StoredTurn:
         started_at=row["started_at"],
         ended_at=row["ended_at"],
         turn_id=row["id"],
+        tool_calls=_tool_calls(row.get("tool_calls")),
     )
     return StoredTurn(turn, row["created_at"])
 
