@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voicebot.errors import ConfigError, StageError, VoicebotError
@@ -17,6 +18,7 @@ from voicebot.settings import Settings
 from voicebot.turns import TurnConfig
 
 if TYPE_CHECKING:
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import TurnStore
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,13 @@ def build_runtime(
     *,
     personas: Iterable[str] | None = None,
     store: TurnStore | None = None,
+    reservations: ReservationBook | None = None,
     warm_up: bool = True,
 ) -> Runtime:
-    """Load every model the selected personas need, once, and warm them up in parallel."""
+    """Load every model the selected personas need, once, and warm them up in parallel.
+
+    ``reservations``: the process's reservation book (one per process, see
+    ``open_persistence``); None without a database, and the reservation tools say so."""
     from voicebot.llm import OllamaChat, make_client
     from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
     from voicebot.tts import VoiceBank
@@ -112,6 +118,7 @@ def build_runtime(
         turn_config=turn_config(settings),
         default_persona=settings.persona,
         store=store,
+        reservations=reservations,
     )
 
 
@@ -133,10 +140,20 @@ def _warm_up(stacks: Iterable[PersonaStack]) -> None:
                 logger.warning("warm-up: %s", e)
 
 
+@dataclass(frozen=True)
+class Persistence:
+    """What the database gives one process: the turn log and the reservation book."""
+
+    store: TurnStore
+    reservations: ReservationBook
+
+
 @contextlib.contextmanager
-def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
-    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit."""
+def open_persistence(settings: Settings) -> Iterator[Persistence]:
+    """Start (or reach) PostgreSQL, a write-behind turn store and the reservation book (its
+    own small pool, shared by every call of the process); close both on exit."""
     from voicebot.database import open_database
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import PostgresTurnStore
 
     with open_database(settings) as database:
@@ -145,9 +162,17 @@ def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
             database.dsn, settings.spool_path, settings.store_queue_size
         ).start()
         try:
-            yield store
+            with ReservationBook.connect(database.dsn) as book:
+                yield Persistence(store, book)
         finally:
             store.close()
+
+
+@contextlib.contextmanager
+def open_turn_store(settings: Settings) -> Iterator[TurnStore]:
+    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit."""
+    with open_persistence(settings) as persistence:
+        yield persistence.store
 
 
 def build_stream(runtime: Runtime, settings: Settings) -> Any:

@@ -6,10 +6,12 @@ stream handler; nothing in here is per connection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
+from voicebot.conversation import utc_now
 from voicebot.llm import ChatModel
 from voicebot.personas import Persona
 from voicebot.stt import Transcriber
@@ -18,6 +20,7 @@ from voicebot.turns import TurnConfig
 from voicebot.vad import VoiceActivityModel
 
 if TYPE_CHECKING:
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import TurnStore
 
 
@@ -40,6 +43,10 @@ class Runtime:
     turn_config: TurnConfig
     default_persona: str
     store: TurnStore | None = None
+    reservations: ReservationBook | None = None
+    """The bookings the reservation tools write (None without a database: they say so)."""
+    wall_clock: Callable[[], datetime] = utc_now
+    """Today's date for the system prompt and the tools (tests fix it)."""
 
     def stack(self, persona_name: str | None) -> PersonaStack:
         """The stack for a persona name, falling back to the default persona."""

@@ -81,6 +81,7 @@ def default_backend(settings: Settings, personas: Iterable[str] | None = None) -
     ``personas`` (default: every persona file)."""
     from voicebot.app import build_runtime
     from voicebot.database import open_database
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import PostgresTurnStore
 
     with open_database(settings) as database:
@@ -89,7 +90,9 @@ def default_backend(settings: Settings, personas: Iterable[str] | None = None) -
             database.dsn, settings.spool_path, settings.store_queue_size
         ).start()
         try:
-            yield Backend(build_runtime(settings, personas=personas, store=store), database.dsn)
+            with ReservationBook.connect(database.dsn) as book:
+                runtime = build_runtime(settings, personas=personas, store=store, reservations=book)
+                yield Backend(runtime, database.dsn)
         finally:
             store.close()
 
@@ -448,6 +451,10 @@ class VoiceService:
                 self._pool = None
             self.backend = None
             await self._shared.release()
+
+    def db_pool(self) -> Any:
+        """The mount's async psycopg pool for the API routes; None without a database."""
+        return self._pool
 
     @property
     def runtime(self) -> Runtime:
@@ -940,6 +947,9 @@ def mount(
         raise ConfigError(f"mount path must start with '/': {path!r}")
     service = VoiceService(app, settings, path=path, backend=backend)
     app.include_router(_build_router(service))
+    from voicebot.reservations.api import reservations_router
+
+    app.include_router(reservations_router(service.db_pool, prefix=path))
     app.add_middleware(_Guard, service=service)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import gradio as gr
 
-from voicebot.conversation import Turn
+from voicebot.conversation import ToolCallRecord, Turn
 from voicebot.errors import StageError
 from voicebot.handler import TurnUpdate
 from voicebot.store import ConversationSummary
@@ -46,12 +46,21 @@ def latency_row(turn: Turn) -> str:
     return f"| {turn.sequence} | " + " | ".join(_ms(c) for c in cells) + " |"
 
 
+def tool_line(call: ToolCallRecord) -> str:
+    """One small line under the agent's bubble for a tool it called."""
+    took = "" if call.tool_ms is None else f", {call.tool_ms:.0f} ms"
+    result = call.result if len(call.result) <= 160 else call.result[:159] + "…"
+    return f"🔧 *{call.name}* → {result}{took}"
+
+
 def _assistant_text(turn: Turn) -> str:
     text = turn.assistant_text or ""
     if turn.interrupted:
         text += " ⏹"
     if turn.error:
         text += f"\n\n⚠️ {turn.error}"
+    for call in turn.tool_calls:
+        text += "\n\n" + tool_line(call)
     return text
 
 
