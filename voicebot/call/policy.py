@@ -232,6 +232,8 @@ class CallPolicy:
             return
         if reply.first_audio_at is not None:
             return
+        if reply.tool_calls or reply.tool_running is not None:
+            return  # the model already acted on this turn: it stays a turn of its own
         logger.debug("speech resumed before the reply started: merging turns")
         reply.cancel()
         self._playout.clear(reply.id)
