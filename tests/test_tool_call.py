@@ -40,7 +40,7 @@ from voicebot.ollama_server import (
     ScriptedReply,
     ScriptedToolCall,
 )
-from voicebot.personas import Persona, load_persona
+from voicebot.personas import Persona
 from voicebot.reservations.book import Booking, ReservationBook
 from voicebot.reservations.rules import RestaurantRules
 from voicebot.runtime import PersonaStack, Runtime
