@@ -360,8 +360,8 @@ def test_japanese_reservation_call_books_one_table(
         timeline = (
             Timeline(caller.sample_rate)
             .silence(0.4)
-            .clip(say(caller, "十二月四日の夜七時に、二名で予約をお願いします。"))
-            .silence(7.0)  # the answer plays (virtual time: Kokoro's speed does not matter)
+            .clip(say(caller, "十二月四日の夜七時に二名で予約をお願いします。"))
+            .silence(11.0)  # the answer plays (virtual time: Kokoro's speed does not matter)
             .clip(say(caller, "はい、大丈夫です。"))
             .silence(1.0)
         )
