@@ -393,7 +393,8 @@ def test_call_events_stream_the_callers_own_turns(tmp_path: Path) -> None:
                             kind = line[7:]
                         elif line.startswith("data: ") and kind == "turn":
                             updates.append(json.loads(line[6:]))
-                            if updates[-1]["final"]:
+                            # the greeting (turn 0) may come first; wait for the caller's turn
+                            if updates[-1]["final"] and updates[-1]["turn"]["sequence"] > 0:
                                 break
                     speaking.cancel()
                 await caller.stop()

@@ -66,6 +66,18 @@ class RealClock:
         threading.Thread(target=target, name=name, daemon=True).start()
 
 
+def _stacks() -> str:
+    """Where every thread is now, for the error above."""
+    import sys
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame)[-4:])
+        for ident, frame in sys._current_frames().items()
+    )
+
+
 class _Waiter:
     __slots__ = ("deadline", "event", "woken")
 
@@ -84,7 +96,7 @@ class VirtualClock:
     after ``settle_timeout_s`` real seconds with an error naming the problem.
     """
 
-    def __init__(self, start: float = 1000.0, *, settle_timeout_s: float = 10.0) -> None:
+    def __init__(self, start: float = 1000.0, *, settle_timeout_s: float = 60.0) -> None:
         self._now = start
         self._settle_timeout_s = settle_timeout_s
         self._state = threading.Condition(threading.Lock())
@@ -149,6 +161,7 @@ class VirtualClock:
                 raise RuntimeError(
                     f"virtual clock: {self._running} thread(s) neither finished nor waited on "
                     f"the clock within {self._settle_timeout_s} s (blocked outside the clock?)"
+                    f"\n{_stacks()}"
                 )
             self._state.wait(left)
 

@@ -540,7 +540,10 @@ class CallPolicy:
             reply.turn.error = event.error
         self._error_over = self._derive_state()
         self.state = "error"
-        self._publish(CallStatus("error", event.error))
+        detail = event.error
+        if event.stage == "llm" and "unreachable" in detail:
+            detail += " — start it with `ollama serve`"  # what the page tells the user to do
+        self._publish(CallStatus("error", detail))
 
     def _on_end_requested(self, message: str) -> None:
         """Time limit (or the server): stop and record the reply in flight, say ``message``,

@@ -26,6 +26,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Literal, ParamSpec, TypeVar
 
+import scipy.signal  # noqa: F401  (resampling: load it with the call, not on the first reply)
+
 from voicebot.audio import Samples, resample
 from voicebot.call.clock import Clock, RealClock
 from voicebot.call.events import (

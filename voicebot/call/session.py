@@ -101,6 +101,8 @@ class Call:
         self._ended = threading.Event()
         self._policy_thread: int | None = None
         self._receive_errors = 0
+        self._turn_events_sent = 0  # written by the input thread only
+        self._turn_events_seen = 0  # written by the policy thread only
 
     # ------------------------------------------------------------------ before the call starts
 
@@ -207,6 +209,8 @@ class Call:
         agent_speaking = self.playout.queued() > 0 or policy.talking
         events = self._detector.push(samples, agent_speaking=agent_speaking)
         detector = self._detector
+        if events:
+            self._turn_events_sent += 1
         self._inbox.put(
             AudioIn(
                 now,
@@ -279,6 +283,8 @@ class Call:
             return False
         if policy is None:
             return True
+        if self._detector.speaking or self._turn_events_seen != self._turn_events_sent:
+            return False  # the caller is talking, or the policy has yet to hear what they said
         return policy.idle()
 
     @property
@@ -324,6 +330,8 @@ class Call:
                 event = self._inbox.get(timeout=timeout) if timeout > 0 else None
                 if event is not None:
                     policy.handle(event)
+                    if isinstance(event, AudioIn) and event.turn_events:
+                        self._turn_events_seen += 1
                 now = self.clock.now()
                 if now >= next_tick and not policy.ended:
                     next_tick = now + TICK_S
