@@ -273,20 +273,47 @@ def test_a_tool_that_times_out_apologizes_once(persona, book, executor, caplog):
     ]
 
 
+class BrokenBook:
+    """A reservation book whose database is gone."""
+
+    def seats_taken(self, *args, **kwargs):
+        raise RuntimeError("the database is down")
+
+    book = seats_taken
+
+
 def test_a_tool_that_raises_apologizes_once_and_stores_nothing(desk, persona, caplog, pg_dsn):
     caplog.set_level(logging.INFO)
     d = desk(BOOKING_SCRIPT)
     d.toolset = dataclasses.replace(
-        d.toolset, context=dataclasses.replace(d.toolset.context, reservations=None)
+        d.toolset, context=dataclasses.replace(d.toolset.context, reservations=BrokenBook())
     )
     d.loop.toolset = d.toolset
     _, spoken, calls = d.say("yes")
-    assert calls[0].error == "failed" and "no reservation book is configured" in calls[0].result
+    assert calls[0].error == "failed" and "the database is down" in calls[0].result
     assert spoken == persona.tool_apology
     assert len(d.server.chat_requests()) == 1
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "create_reservation failed" in errors[0].getMessage()
     assert stored(pg_dsn, persona) == []
+
+
+def test_without_a_database_the_tools_say_booking_is_unavailable(desk, persona, caplog):
+    caplog.set_level(logging.INFO)
+    sorry = Rule(
+        "I'm sorry, we cannot book by phone today.",
+        after_tool="create_reservation",
+        result_contains="unavailable",
+    )
+    d = desk([sorry, *BOOKING_SCRIPT])
+    d.toolset = dataclasses.replace(
+        d.toolset, context=dataclasses.replace(d.toolset.context, reservations=None)
+    )
+    d.loop.toolset = d.toolset
+    _, spoken, calls = d.say("yes")
+    assert calls[0].error is None and calls[0].result.startswith("unavailable:")
+    assert spoken == "I'm sorry, we cannot book by phone today."
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def hold_slot(pg_dsn, persona, released: threading.Event, held: threading.Event):

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voicebot.console import step
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from voicebot.llm import ChatModel
     from voicebot.store import PostgresTurnStore, TurnStore
+    from voicebot.reservations.book import ReservationBook
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +68,15 @@ def build_runtime(
     *,
     personas: Iterable[str] | None = None,
     store: TurnStore | None = None,
+    reservations: ReservationBook | None = None,
     warm_up: bool = True,
     offer_pull: PullOffer | None = None,
 ) -> Runtime:
     """Load every model the selected personas need, once, check the LLMs and warm everything
-    up in parallel; each step is one line on ``voicebot.startup``."""
+    up in parallel; each step is one line on ``voicebot.startup``.
+
+    ``reservations``: the process's reservation book (one per process, see
+    ``open_persistence``); None without a database, and the reservation tools say so."""
     from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
     from voicebot.tts import VoiceBank
     from voicebot.vad import SileroVad
@@ -146,6 +152,7 @@ def build_runtime(
         turn_end_executor=(
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="turn-end") if turn_end else None
         ),
+        reservations=reservations,
     )
 
 
@@ -246,13 +253,23 @@ def _warm_up(stacks: Iterable[PersonaStack], reachable_chats: set[int] | None = 
                 logger.warning("warm-up: %s", e)
 
 
+@dataclass(frozen=True)
+class Persistence:
+    """What the database gives one process: the turn log and the reservation book."""
+
+    store: PostgresTurnStore
+    reservations: ReservationBook
+
+
 @contextlib.contextmanager
-def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
-    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit.
+def open_persistence(settings: Settings) -> Iterator[Persistence]:
+    """Start (or reach) PostgreSQL, a write-behind turn store and the reservation book (its
+    own small pool, shared by every call of the process); close both on exit.
 
     An external server that is unreachable now does not stop us: the store spools, then
     connects, migrates and replays once it is back (``voicebot.database``)."""
     from voicebot.database import open_database
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import PostgresTurnStore
 
     started = time.monotonic()
@@ -267,9 +284,17 @@ def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
             known_down=not database.ready,
         ).start()
         try:
-            yield store
+            with ReservationBook.connect(database.dsn) as book:
+                yield Persistence(store, book)
         finally:
             store.close()
+
+
+@contextlib.contextmanager
+def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
+    """Start (or reach) PostgreSQL and a write-behind turn store; drain and stop on exit."""
+    with open_persistence(settings) as persistence:
+        yield persistence.store
 
 
 def build_stream(runtime: Runtime, settings: Settings) -> Any:

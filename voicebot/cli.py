@@ -116,13 +116,24 @@ StoreOpt = Annotated[
 
 @contextlib.contextmanager
 def _maybe_store(settings: Settings, enabled: bool) -> Iterator[Any]:
+    """The turn store and reservation book (``app.Persistence``), or None with --no-store."""
     if not enabled:
         yield None
         return
-    from voicebot.app import open_turn_store
+    from voicebot.app import open_persistence
 
-    with open_turn_store(settings) as store:
-        yield store
+    with open_persistence(settings) as persistence:
+        yield persistence
+
+
+def _runtime(settings: Settings, persistence: Any, **kwargs: Any) -> Any:
+    from voicebot.app import build_runtime
+
+    if persistence is None:
+        return build_runtime(settings, **kwargs)
+    return build_runtime(
+        settings, store=persistence.store, reservations=persistence.reservations, **kwargs
+    )
 
 
 def _resume(store: Any, conversation_id: uuid.UUID | None, limit: int) -> tuple[list[Any], int]:
@@ -182,7 +193,7 @@ def ui(
     store: StoreOpt = True,
 ) -> None:
     """The main job: the voice agent's web page (default http://127.0.0.1:7860)."""
-    from voicebot.app import build_runtime, launch_ui
+    from voicebot.app import launch_ui
 
     try:
         settings = options.settings(host=host, port=port)
@@ -190,8 +201,8 @@ def ui(
 
         check_exposure(settings)
         install_log_redaction(log_secrets(settings))
-        with _maybe_store(settings, store) as turn_store:
-            runtime = build_runtime(settings, store=turn_store, offer_pull=_offer_pull)
+        with _maybe_store(settings, store) as persistence:
+            runtime = _runtime(settings, persistence, offer_pull=_offer_pull)
             page = launch_ui(settings, runtime)
             step("  page      served", ready=True)
             typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
@@ -216,7 +227,6 @@ def simulate(
     """Run a recording through the same handler as a call, at real-time pace."""
     import soundfile
 
-    from voicebot.app import build_runtime
     from voicebot.simulate import simulate_call, turn_record
 
     try:
@@ -226,8 +236,9 @@ def simulate(
     except (VoicebotError, OSError, ValueError, RuntimeError) as e:
         fail(e)
     try:
-        with _maybe_store(settings, store) as turn_store:
-            runtime = build_runtime(settings, personas=[settings.persona], store=turn_store)
+        with _maybe_store(settings, store) as persistence:
+            runtime = _runtime(settings, persistence, personas=[settings.persona])
+            turn_store = runtime.store
             history, last_sequence = _resume(
                 turn_store, conversation_id, runtime.stack(settings.persona).persona.history_turns
             )
@@ -358,12 +369,11 @@ def phone(
         return
     from fastrtc import Stream
 
-    from voicebot.app import build_runtime
     from voicebot.handler import VoiceHandler
 
     try:
-        with _maybe_store(settings, True) as turn_store:
-            runtime = build_runtime(settings, personas=[settings.persona], store=turn_store)
+        with _maybe_store(settings, True) as persistence:
+            runtime = _runtime(settings, persistence, personas=[settings.persona])
             stream = Stream(
                 VoiceHandler(runtime, channel="phone"),
                 modality="audio",

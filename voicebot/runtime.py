@@ -6,11 +6,13 @@ stream handler; nothing in here is per connection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
+from voicebot.conversation import utc_now
 from voicebot.endpointing import TurnEndModel
 from voicebot.llm import ChatModel
 from voicebot.personas import Persona
@@ -20,6 +22,7 @@ from voicebot.turns import TurnConfig
 from voicebot.vad import VoiceActivityModel
 
 if TYPE_CHECKING:
+    from voicebot.reservations.book import ReservationBook
     from voicebot.store import TurnStore
 
 
@@ -46,6 +49,10 @@ class Runtime:
     """Whether the user's turn sounds finished (None: silence timing alone); shared by calls."""
     turn_end_executor: Executor | None = None
     """Where ``turn_end`` runs, beside the audio: ``TurnDetector(..., turn_end, executor)``."""
+    reservations: ReservationBook | None = None
+    """The bookings the reservation tools write (None without a database: they say so)."""
+    wall_clock: Callable[[], datetime] = utc_now
+    """Today's date for the system prompt and the tools (tests fix it)."""
 
     def stack(self, persona_name: str | None) -> PersonaStack:
         """The stack for a persona name, falling back to the default persona."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import gradio as gr
 
 from voicebot.call.status import CallState, CallStatus
-from voicebot.conversation import Turn
+from voicebot.conversation import ToolCallRecord, Turn
 from voicebot.errors import StageError
 from voicebot.handler import TurnUpdate
 from voicebot.store import ConversationSummary
@@ -94,6 +94,13 @@ def status_html(state: CallState | str, language: str = "en", detail: str | None
     )
 
 
+def tool_line(call: ToolCallRecord) -> str:
+    """One small line under the agent's bubble for a tool it called."""
+    took = "" if call.tool_ms is None else f", {call.tool_ms:.0f} ms"
+    result = call.result if len(call.result) <= 160 else call.result[:159] + "…"
+    return f"🔧 *{call.name}* → {result}{took}"
+
+
 def status_language(value: str | None) -> str:
     """The language a status line was rendered in (English when unknown)."""
     match = _LANG_ATTR.search(value or "")
@@ -113,6 +120,8 @@ def _assistant_text(turn: Turn, language: str = "en") -> str:
         text += CUT_MARK.get(language, CUT_MARK["en"])
     if turn.error:
         text += f"\n\n⚠️ {turn.error}"
+    for call in turn.tool_calls:
+        text += "\n\n" + tool_line(call)
     return text
 
 

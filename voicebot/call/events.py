@@ -7,10 +7,11 @@ nothing else decides anything about the call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from voicebot.audio import Samples
 from voicebot.call.status import CallStatus
-from voicebot.conversation import Turn
+from voicebot.conversation import ToolCallRecord, Turn
 from voicebot.turns import TurnEvent
 
 # --- inputs (onto the policy's queue) ----------------------------------------------------------
@@ -83,6 +84,23 @@ class StageFailed:
 
 
 @dataclass(frozen=True)
+class ToolRunning:
+    """Reply producer: the model called tool ``name``; the reply waits for it."""
+
+    reply: int
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolDone:
+    """Reply producer: a tool call ended (answered, refused, failed, timed out, cancelled)."""
+
+    reply: int
+    record: ToolCallRecord
+
+
+@dataclass(frozen=True)
 class Tick:
     """Timer: the policy's periodic check (transport alive?)."""
 
@@ -111,6 +129,8 @@ CallEvent = (
     | PlayoutDrained
     | ReplyProduced
     | StageFailed
+    | ToolRunning
+    | ToolDone
     | Tick
     | EndRequested
     | HangUp

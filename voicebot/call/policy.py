@@ -34,6 +34,8 @@ from voicebot.call.events import (
     ReplyProduced,
     StageFailed,
     Tick,
+    ToolDone,
+    ToolRunning,
     Transcribed,
 )
 from voicebot.call.playout import Playout, played_text
@@ -167,6 +169,8 @@ class CallPolicy:
                 self._maybe_done(event.reply)
         elif isinstance(event, StageFailed):
             self._on_stage_failed(event)
+        elif isinstance(event, ToolRunning | ToolDone):
+            self._on_tool(event)
         elif isinstance(event, EndRequested):
             self._on_end_requested(event.message)
         elif isinstance(event, HangUp):
@@ -228,6 +232,8 @@ class CallPolicy:
             return
         if reply.first_audio_at is not None:
             return
+        if reply.tool_calls or reply.tool_running is not None:
+            return  # the model already acted on this turn: it stays a turn of its own
         logger.debug("speech resumed before the reply started: merging turns")
         reply.cancel()
         self._playout.clear(reply.id)
@@ -440,7 +446,10 @@ class CallPolicy:
             return
         self.record.number(turn)
         messages = build_messages(
-            persona.system_prompt, self.record.history, turn.user_text, persona.history_turns * 2
+            persona.system_prompt_at(self._setup.runtime.wall_clock()),
+            self.record.history,
+            turn.user_text,
+            persona.history_turns * 2,
         )
         self._stages.answer(reply, self._stack, messages)
 
@@ -485,7 +494,29 @@ class CallPolicy:
         caption = reply.turn or reply.caption
         if caption is not None:
             # Captions: the chunks that have started playing so far.
-            self.record.caption(caption, reply.joiner.join(reply.texts[: event.index + 1]))
+            reply.caption_text = reply.joiner.join(reply.texts[: event.index + 1])
+            self.record.caption(caption, reply.caption_text)
+
+    def _on_tool(self, event: ToolRunning | ToolDone) -> None:
+        """A tool call started or ended: the turn (and the page's transcript) shows it."""
+        reply = self._replies.get(event.reply)
+        if reply is None or reply.recorded:
+            if isinstance(event, ToolDone):
+                # The turn was recorded when the caller cut in; this is how the tool ended.
+                logger.info(
+                    "tool %s ended after its turn was recorded (%s)",
+                    event.record.name,
+                    event.record.error or "answered",
+                )
+            return
+        if isinstance(event, ToolRunning):
+            reply.tool_running = event
+        else:
+            reply.tool_running = None
+            reply.tool_calls.append(event.record)
+        if reply.turn is not None:
+            reply.turn.tool_calls = reply.tool_calls_so_far()
+            self.record.caption(reply.turn, reply.caption_text)
 
     def _maybe_done(self, reply_id: int) -> None:
         reply = self._replies.get(reply_id)
@@ -571,6 +602,7 @@ class CallPolicy:
         turn.timings.tts_first_ms = timings.tts_first_ms
         turn.assistant_text = played
         turn.interrupted = interrupted
+        turn.tool_calls = reply.tool_calls_so_far()
         self.record.turn_done(turn)
 
     def _derive_state(self) -> CallState:

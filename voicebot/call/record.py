@@ -123,4 +123,9 @@ class ConversationRecord:
 def _snapshot(turn: Turn, assistant_text: str | None = None) -> Turn:
     """A copy for the transport, so later changes on the policy thread do not show through."""
     text = turn.assistant_text if assistant_text is None else assistant_text
-    return replace(turn, timings=replace(turn.timings), assistant_text=text)
+    return replace(
+        turn,
+        timings=replace(turn.timings),
+        assistant_text=text,
+        tool_calls=list(turn.tool_calls),
+    )

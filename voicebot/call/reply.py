@@ -7,6 +7,14 @@ chunk is spoken while the LLM still writes the rest. Transcription is the call's
 a time, see ``transcription``); the policy hands a reply its transcript. Stages report to the
 policy only through events; ``cancel`` closes the LLM stream at the next token, stops TTS
 between two pieces of audio, and the policy drops what the playout still holds.
+
+With a persona that has tools, the producer runs the ``ToolLoop``: on a tool call the LLM
+stream pauses, the tool runs on a thread of its own (``reply-N-tool``, started by the call's
+clock), the producer waits for it (off the audio path: what was said before the call keeps
+playing), the persona's filler is spoken if it takes longer than ~0.7 s, and the model goes
+on with the result. ``cancel`` reaches the tool too: it is told through its context, so a
+booking not yet committed rolls back. Tool activity goes to the policy as ``ToolRunning`` /
+``ToolDone`` events; it lands in the turn (``Turn.tool_calls``).
 """
 
 from __future__ import annotations
@@ -14,25 +22,39 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, ParamSpec, TypeVar
 
 import scipy.signal  # noqa: F401  (resampling: load it with the call, not on the first reply)
 
 from voicebot.audio import Samples, resample
-from voicebot.call.clock import Clock
-from voicebot.call.events import CallEvent, ChunkReady, ReplyProduced, StageFailed
+from voicebot.call.clock import Clock, RealClock
+from voicebot.call.events import (
+    CallEvent,
+    ChunkReady,
+    ReplyProduced,
+    StageFailed,
+    ToolDone,
+    ToolRunning,
+)
 from voicebot.call.mailbox import Closed, Mailbox
 from voicebot.call.playout import OUTPUT_RATE, Playout
 from voicebot.chunking import Chunker
-from voicebot.conversation import Message, Turn
+from voicebot.conversation import Message, ToolCallRecord, Turn
 from voicebot.errors import StageError
+from voicebot.llm import ToolChatModel
 from voicebot.runtime import PersonaStack
+from voicebot.tools.loop import ReplyEvent, ToolFinished, ToolLoop, ToolStarted
+from voicebot.tools.registry import Toolset
+from voicebot.tools.speech import speakable
 
 logger = logging.getLogger(__name__)
 
 ReplyState = Literal["pending", "speaking", "paused", "done", "cancelled"]
 TTS_QUEUE_CHUNKS = 32
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -79,6 +101,12 @@ class Reply:
         self.started = False
         """Its stage threads were started (they will report ``ReplyProduced``)."""
         self.recorded = False
+        self.tool_calls: list[ToolCallRecord] = []
+        """Its finished tool calls, in order (from ``ToolDone``)."""
+        self.tool_running: ToolRunning | None = None
+        """The tool call it waits for, if any."""
+        self.caption_text = ""
+        """What the page shows of it so far (the chunks that have started playing)."""
         self._cancelled = threading.Event()
 
     @property
@@ -96,6 +124,27 @@ class Reply:
             self.state = "cancelled"
         self._cancelled.set()
 
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set by ``cancel``: what the tool loop and a running tool watch."""
+        return self._cancelled
+
+    def tool_calls_so_far(self) -> list[ToolCallRecord]:
+        """Its tool calls for the turn log: those that ended, and the one it waits for (if
+        any) as cancelled: a barge-in cut it, and a booking not yet committed rolls back."""
+        calls = list(self.tool_calls)
+        running = self.tool_running
+        if running is not None:
+            calls.append(
+                ToolCallRecord(
+                    running.name,
+                    running.arguments,
+                    "cancelled by the caller while it ran (nothing not yet committed is kept)",
+                    error="cancelled",
+                )
+            )
+        return calls
+
 
 @dataclass(frozen=True)
 class LlmText:
@@ -105,8 +154,8 @@ class LlmText:
 
 
 LlmEvent = LlmText
-"""What the LLM stage consumes. Tool calls (issue 13) join this union: on one, the stream
-pauses, the tool runs, and a filler line may be spoken if it takes more than 700 ms."""
+"""What the plain LLM stage consumes; a persona with tools goes through the ``ToolLoop``
+instead (see ``ReplyStages._tool_chunks``)."""
 
 
 def llm_events(tokens: Iterable[str]) -> Iterator[LlmEvent]:
@@ -115,16 +164,60 @@ def llm_events(tokens: Iterable[str]) -> Iterator[LlmEvent]:
         yield LlmText(token)
 
 
-class ReplyStages:
-    """Starts the stage threads of replies for one call."""
+class ClockExecutor(Executor):
+    """Runs each submitted call on a new thread started by the call's clock (so a virtual
+    clock sees it); a reply makes at most a few tool calls."""
 
-    def __init__(self, clock: Clock, playout: Playout, post: Callable[[CallEvent], None]) -> None:
+    def __init__(self, clock: Clock, name: str) -> None:
+        self._clock = clock
+        self._name = name
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+
+        self._clock.start_thread(run, self._name)
+        return future
+
+
+class ReplyStages:
+    """Starts the stage threads of replies for one call.
+
+    toolset: the call's tools (``bind_tools``); a persona without tools has an empty one.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        playout: Playout,
+        post: Callable[[CallEvent], None],
+        toolset: Toolset | None = None,
+    ) -> None:
         self._clock = clock
         self._playout = playout
         self._post = post
+        self._toolset = toolset
 
     def answer(self, reply: Reply, stack: PersonaStack, messages: list[Message]) -> None:
-        """Speak the LLM's answer to ``messages`` (the apology if it fails)."""
+        """Speak the LLM's answer to ``messages`` (the apology if it fails), calling the
+        persona's tools when the model asks."""
+        toolset = self._toolset
+        chat = stack.chat
+        if toolset and hasattr(chat, "stream_with_tools"):
+            tool_chat: ToolChatModel = chat  # type: ignore[assignment]
+            self._start(
+                reply, stack, lambda: self._tool_chunks(reply, stack, tool_chat, toolset, messages)
+            )
+            return
+        if toolset:
+            logger.warning("the chat model %s cannot call tools; answering without", chat.name)
         self._start(reply, stack, lambda: self._llm_chunks(reply, stack, messages))
 
     def say(self, reply: Reply, stack: PersonaStack, lines: list[str]) -> None:
@@ -199,6 +292,57 @@ class ReplyStages:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()  # cancels the HTTP request when we stopped early
+
+    def _tool_chunks(
+        self,
+        reply: Reply,
+        stack: PersonaStack,
+        chat: ToolChatModel,
+        toolset: Toolset,
+        messages: list[Message],
+    ) -> Iterator[str]:
+        """Speakable chunks of a reply that may call tools; on an LLM failure, the apology."""
+        timings = reply.timings
+        clock = self._clock
+        loop = ToolLoop(
+            chat,
+            toolset,
+            executor=ClockExecutor(clock, f"reply-{reply.id}-tool"),
+            clock=clock.now,
+            # A real clock waits on the tool's future (no polling delay); a virtual one must
+            # see every wait.
+            sleep=None if isinstance(clock, RealClock) else clock.sleep,
+        )
+        sent = clock.now()
+        tool_reply = loop.reply(messages, cancel=reply.cancel_event)
+
+        def timed(events: Iterable[ReplyEvent]) -> Iterator[ReplyEvent]:
+            for event in events:
+                if isinstance(event, str) and timings.llm_ttft_ms is None:
+                    timings.llm_ttft_ms = (clock.now() - sent) * 1000
+                yield event
+
+        def on_tool(event: ToolStarted | ToolFinished) -> None:
+            if isinstance(event, ToolStarted):
+                self._post(ToolRunning(reply.id, event.name, event.arguments))
+            else:
+                self._post(ToolDone(reply.id, event.record))
+
+        chunker = Chunker(language=stack.persona.language)
+        try:
+            for chunk in speakable(timed(tool_reply), chunker, on_tool):
+                if reply.cancelled:
+                    break
+                if timings.llm_first_chunk_ms is None:
+                    timings.llm_first_chunk_ms = (clock.now() - sent) * 1000
+                yield chunk
+        except StageError as e:
+            logger.error("reply %d: %s", reply.id, e)
+            self._post(StageFailed(reply.id, "llm", str(e)))
+            yield from chunker.flush()
+            yield stack.persona.apology
+        finally:
+            tool_reply.close()  # stops the model's stream and tells a running tool
 
     def _synthesize(self, reply: Reply, stack: PersonaStack, index: int, text: str) -> None:
         ready = self._clock.now()

@@ -42,6 +42,7 @@ from voicebot.call.transcription import TranscriptionWorker
 from voicebot.conversation import Channel, Message, Turn
 from voicebot.errors import StageError
 from voicebot.runtime import PersonaStack, Runtime
+from voicebot.tools.registry import bind_tools
 from voicebot.turns import TurnDetector
 from voicebot.vad import VAD_SAMPLE_RATE
 
@@ -163,7 +164,17 @@ class Call:
                 clock=self.clock,
                 playout=self.playout,
                 transcription=TranscriptionWorker(self.clock, self._post),
-                stages=ReplyStages(self.clock, self.playout, self._post),
+                stages=ReplyStages(
+                    self.clock,
+                    self.playout,
+                    self._post,
+                    bind_tools(
+                        self._stack.persona,
+                        self.conversation_id,
+                        reservations=self.runtime.reservations,
+                        clock=self.runtime.wall_clock,
+                    ),
+                ),
                 publish=self._publish,
                 interrupt=self._interrupted,
                 observer=self.observer,

@@ -9,7 +9,9 @@ zone before touching the bookings, and answers in one line the model can relay: 
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Annotated
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -24,6 +26,7 @@ from voicebot.reservations.rules import (
 from voicebot.tools.registry import Tool, ToolContext
 
 _NEEDS = ("restaurant", "timezone")
+_A = TypeVar("_A")
 
 
 def _valid_day(value: str) -> str:
@@ -113,13 +116,38 @@ class FindArgs(BaseModel):
     name: Name
 
 
+UNAVAILABLE = (
+    "unavailable: bookings cannot be taken or looked up by phone right now (this desk has no "
+    "booking system); tell the caller and do not say a table is booked"
+)
+"""What every reservation tool answers when the process runs without a database."""
+
+
+class _NoBook(Exception):
+    """The process runs without a database: there is no reservation book."""
+
+
 def _desk(ctx: ToolContext) -> tuple[RestaurantRules, ReservationBook]:
     rules = ctx.persona.restaurant
     if rules is None:
         raise RuntimeError(f"persona {ctx.persona.name} has no [restaurant] rules")
     if ctx.reservations is None:
-        raise RuntimeError("no reservation book is configured (the database is off)")
+        raise _NoBook
     return rules, ctx.reservations
+
+
+def _needs_book(run: Callable[[ToolContext, _A], str]) -> Callable[[ToolContext, _A], str]:
+    """Without a database, a tool answers ``UNAVAILABLE`` (a result the model relays, not a
+    failure: nothing will come back later in the call)."""
+
+    @functools.wraps(run)
+    def guarded(ctx: ToolContext, args: _A) -> str:
+        try:
+            return run(ctx, args)
+        except _NoBook:
+            return UNAVAILABLE
+
+    return guarded
 
 
 def _people(n: int) -> str:
@@ -159,6 +187,7 @@ def _alternatives(
     )
 
 
+@_needs_book
 def check_availability(ctx: ToolContext, args: AvailabilityArgs) -> str:
     rules, book = _desk(ctx)
     why = refusal(rules, args.day, args.at, args.party_size, ctx.now())
@@ -176,6 +205,7 @@ def check_availability(ctx: ToolContext, args: AvailabilityArgs) -> str:
     )
 
 
+@_needs_book
 def create_reservation(ctx: ToolContext, args: CreateArgs) -> str:
     rules, book = _desk(ctx)
     why = refusal(rules, args.day, args.at, args.party_size, ctx.now())
@@ -211,6 +241,7 @@ def create_reservation(ctx: ToolContext, args: CreateArgs) -> str:
     )
 
 
+@_needs_book
 def find_reservation(ctx: ToolContext, args: FindArgs) -> str:
     rules, book = _desk(ctx)
     found = book.find(restaurant=rules.name, name=args.name.strip())
@@ -220,6 +251,7 @@ def find_reservation(ctx: ToolContext, args: FindArgs) -> str:
     return "found: " + "; ".join(_summary(r) for r in upcoming[:5])
 
 
+@_needs_book
 def cancel_reservation(ctx: ToolContext, args: CancelArgs) -> str:
     rules, book = _desk(ctx)
     if ctx.cancelled.is_set():

@@ -70,10 +70,16 @@ BackendFactory = Callable[[Settings], AbstractContextManager[Backend]]
 def default_backend(settings: Settings, personas: Iterable[str] | None = None) -> Iterator[Backend]:
     """PostgreSQL (embedded unless VOICEBOT_DATABASE_URL), the turn store and the models of
     ``personas`` (default: every persona file)."""
-    from voicebot.app import build_runtime, open_turn_store
+    from voicebot.app import build_runtime, open_persistence
 
-    with open_turn_store(settings) as store:
-        yield Backend(build_runtime(settings, personas=personas, store=store), store.dsn)
+    with open_persistence(settings) as persistence:
+        runtime = build_runtime(
+            settings,
+            personas=personas,
+            store=persistence.store,
+            reservations=persistence.reservations,
+        )
+        yield Backend(runtime, persistence.store.dsn)
 
 
 @dataclass

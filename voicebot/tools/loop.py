@@ -89,6 +89,8 @@ class ToolLoop:
     filler_after_s: how long a tool may run before the persona's filler line is offered.
     cancel_grace_s: after a cancel or timeout, how long to wait for the tool to finish, so the
     record says what really happened (committed or not).
+    clock, sleep: the loop's time; with ``sleep`` given, waits for a tool poll with it (a
+    call's virtual clock) instead of waiting on the future.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class ToolLoop:
         filler_after_s: float = 0.7,
         cancel_grace_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.chat = chat
         self.toolset = toolset
@@ -109,6 +112,13 @@ class ToolLoop:
         self.filler_after_s = filler_after_s
         self.cancel_grace_s = cancel_grace_s
         self.clock = clock
+        self.sleep = sleep
+
+    def _wait(self, future: Future[str], timeout: float) -> None:
+        if self.sleep is None:
+            concurrent.futures.wait([future], timeout=timeout)
+        elif not future.done():
+            self.sleep(timeout)
 
     def reply(
         self, messages: Sequence[ChatMessage], cancel: threading.Event | None = None
@@ -208,8 +218,8 @@ class ToolLoop:
         deadline = started + tool.timeout_s
         try:
             while True:
-                done, _ = concurrent.futures.wait([future], timeout=_POLL_S)
-                if done:
+                self._wait(future, _POLL_S)
+                if future.done():
                     return self._finished(tool, arguments, future, started)
                 now = self.clock()
                 if cancel.is_set() or now >= deadline:
@@ -246,7 +256,9 @@ class ToolLoop:
     ) -> ToolCallRecord:
         # The tool was told to stop; give it a moment so that the record says whether what
         # it was doing committed.
-        concurrent.futures.wait([future], timeout=self.cancel_grace_s)
+        give_up = self.clock() + self.cancel_grace_s
+        while not future.done() and self.clock() < give_up:
+            self._wait(future, min(_POLL_S, give_up - self.clock()))
         tool_ms = (self.clock() - started) * 1000
         if future.done() and future.exception() is None:
             outcome = future.result()

@@ -168,6 +168,8 @@ def bind_tools(
     registry: Mapping[str, Tool] | None = None,
 ) -> Toolset:
     """The persona's declared tools for one call (empty when it declares none)."""
+    if not persona.tools:  # no entry points to load for a persona without tools
+        return Toolset({}, ToolContext(conversation_id, persona, clock=clock))
     known = available_tools() if registry is None else registry
     missing = [name for name in persona.tools if name not in known]
     if missing:
