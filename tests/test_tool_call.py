@@ -317,7 +317,7 @@ def test_barge_in_during_a_booking_cancels_what_follows_and_books_nothing(
     assert stored(pg_dsn, persona.restaurant.name) == []  # type: ignore[union-attr]
     # The page shows the tool under the agent's bubble.
     final = [u for u in result.updates if u.final and u.turn.turn_id == first.turn_id][-1]
-    chat, _ = on_turn_update(None, None, final)
+    chat = on_turn_update(None, final)
     assert "create_reservation" in chat[-1]["content"]
 
 

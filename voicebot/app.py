@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import ollama
 
     from voicebot.llm import ChatModel
-    from voicebot.store import PostgresTurnStore, TurnStore
     from voicebot.reservations.book import ReservationBook
+    from voicebot.store import PostgresTurnStore, TurnStore
 
 logger = logging.getLogger(__name__)
 
