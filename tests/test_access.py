@@ -326,7 +326,7 @@ def test_the_page_continues_only_its_own_conversations_and_never_rewrites_them(
             handler.resume(cid)  # what the page's "continue conversation" box does
             assert (handler.conversation_id == cid) is allowed, cid
             assert bool(handler.history) is allowed, cid
-            handler._open()  # the call starts: its conversation record is written
+            handler.call.start()  # the call starts: its conversation record is written
             handler.shutdown()
         api = service.new_handler("api")
         api.resume(web)

@@ -190,7 +190,7 @@ def test_offline_download_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"huggingface\.co/pipecat-ai/smart-turn-v3") as info:
+    with pytest.raises(ConfigError, match=r"Hugging Face repo pipecat-ai/smart-turn-v3") as info:
         smart_turn_model_path(tmp_path)
     assert "VOICEBOT_TURN_END_MODEL" in str(info.value)
 

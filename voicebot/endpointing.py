@@ -69,9 +69,9 @@ def smart_turn_model_path(cache_dir: Path | None = None) -> Path:
         )
     except Exception as e:  # the hub client raises many types: offline, 404, disk full
         raise ConfigError(
-            f"cannot get the turn-end model {SMART_TURN_FILE} from huggingface.co/"
-            f"{SMART_TURN_REPO} ({e}). Connect once so it is cached, download it yourself and "
-            "pass its path (VOICEBOT_TURN_END_MODEL), or turn the model off "
+            f"cannot get the turn-end model {SMART_TURN_FILE} from the Hugging Face repo "
+            f"{SMART_TURN_REPO} ({type(e).__name__}). Connect once so it is cached, download "
+            "it yourself and pass its path (VOICEBOT_TURN_END_MODEL), or turn the model off "
             "(VOICEBOT_TURN_END_MODEL=off)"
         ) from e
     return path
