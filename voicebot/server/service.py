@@ -805,9 +805,7 @@ class VoiceService:
         """Stop admitting, let calls finish for up to ``timeout_s``, then end the rest with the
         persona's goodbye (every turn recorded); returns when no line is held (or given up)."""
         self.begin_drain()
-        # A call is over when its handler has ended (a caller whose call said goodbye may keep
-        # its WebRTC connection open); the connections left are closed below.
-        if not await _wait_for(lambda: self.calls_in_progress() == 0, timeout_s):
+        if not await _wait_for(lambda: self.lines.active() == 0, timeout_s):
             handlers = self._started_handlers()
             logger.info("drain timeout: saying goodbye to %d calls", len(handlers))
             with self._calls_lock:
@@ -816,8 +814,8 @@ class VoiceService:
                 *(asyncio.to_thread(h.end_call, _goodbye(h)) for h in handlers),
                 return_exceptions=True,
             )
-            await _wait_for(lambda: self.calls_in_progress() == 0, DRAIN_GOODBYE_S)
-        await self._cut_calls()
+            if not await _wait_for(lambda: self.lines.active() == 0, DRAIN_GOODBYE_S):
+                await self._cut_calls()
         logger.info("drained")
 
     async def _cut_calls(self) -> None:
