@@ -474,3 +474,33 @@ def test_find_and_cancel_tools(persona, book, pg_dsn):
             (persona.restaurant.name,),
         ).fetchone()
     assert cancelled_at is not None  # kept, marked cancelled
+
+
+def test_the_openai_backend_drives_the_same_tool_loop(pg_dsn, persona, book, executor):
+    """Tool calls work on both backends: the OpenAI-protocol chat (vLLM, llama-server, LiteLLM)
+    streams a tool call in pieces, the loop runs the real tool and sends its result back."""
+    from voicebot.llm_openai import OpenAIChat, make_openai_client
+    from voicebot.openai_server import OpenAIProtocolServer, ToolScript
+    from voicebot.openai_server import ScriptedToolCall as OpenAIToolCall
+
+    script = ToolScript(
+        [OpenAIToolCall("check_availability", {**SLOT, "party_size": 2})],
+        "Good news: {check_availability}",
+    )
+    with OpenAIProtocolServer("instant", script=script) as server:
+        client = make_openai_client(server.base_url, api_key=None, timeout_s=5.0)
+        try:
+            tools = bind_tools(persona, uuid.uuid4(), reservations=book, clock=lambda: NOW)
+            loop = ToolLoop(OpenAIChat(client, persona.llm_model), tools, executor=executor)
+            messages = [Message("system", persona.system_prompt_at(NOW)), Message("user", "hi")]
+            reply = loop.reply(messages, None)
+            events = list(reply)
+        finally:
+            client.close()
+    finished = [e for e in events if isinstance(e, ToolFinished)]
+    assert [f.record.name for f in finished] == ["check_availability"]
+    record = finished[0].record
+    assert record.error is None and record.result
+    spoken = "".join(e for e in events if isinstance(e, str))
+    assert spoken == f"Good news: {record.result}"
+    assert stored(pg_dsn, persona) == []  # checking books nothing
