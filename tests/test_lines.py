@@ -377,7 +377,9 @@ def test_an_aiortc_caller_that_vanishes_mid_reply_frees_its_line(shared: Served)
     finally:
         proc.kill()
         proc.wait(10)
-    assert wait_until(s.idle, 30 + 5), s.state()
+    # ICE consent freshness (~30 s), checked on aiortc's own timer: a loaded machine adds a
+    # few seconds before FastRTC hears of it.
+    assert wait_until(s.idle, 30 + 15), s.state()
     print(f"WebRTC line freed {time.monotonic() - gone:.1f} s after the caller vanished")
     assert wait_until(lambda: thread_count() <= baseline + 2, 10), (thread_names(), baseline)
 

@@ -64,7 +64,9 @@ def test_redaction_covers_every_logger_and_handler(caplog: pytest.LogCaptureFixt
     install_log_redaction([TOKEN])
     install_log_redaction([TOKEN])  # idempotent
     caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.INFO, logger="uvicorn.error")  # the console may have quieted it
+    # the console may have quieted these loggers (another test ran the CLI in this process)
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    caplog.set_level(logging.DEBUG, logger="some.library")
     logging.getLogger("uvicorn.error").info(
         '%s - "WebSocket %s" [accepted]', "127.0.0.1:1", f"/websocket/offer?token={TOKEN}"
     )

@@ -274,4 +274,5 @@ def test_lost_turns_reach_the_metric(tmp_path: Path, caplog) -> None:
     assert store.lost_turns == 50
     assert "voicebot_turns_lost_total 50.0" in metrics.render().decode()
     errors = [r for r in caplog.records if "cannot write the spool" in r.getMessage()]
-    assert len(errors) == 1
+    # once when the losses start, and at most once more when the store closes with the total
+    assert 1 <= len(errors) <= 2 and "50 turns lost" in errors[-1].getMessage()

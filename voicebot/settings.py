@@ -79,10 +79,12 @@ class Settings(BaseSettings):
     """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
     stt_cpu_threads: int = 0
     """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
-    stt_short_window: bool = True
+    stt_short_window: bool = False
     """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
-    falling back to the full window when the transcript looks degenerate; off = always the
-    full window [VOICEBOT_STT_SHORT_WINDOW]."""
+    falling back to the full window when the transcript looks degenerate
+    [VOICEBOT_STT_SHORT_WINDOW]. Off by default: with tiny.en it sometimes hears another
+    word where the full window does not ("capital of France" → "friends" in the test calls);
+    see docs/benchmarks.md."""
 
     # --- speech synthesis
     tts_voice: str | None = None
