@@ -27,49 +27,32 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.server
 import itertools
 import json
 import logging
 import re
-import select
-import socket
-import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
+
+from voicebot.scripted_http import (
+    FAULTS,
+    PROFILES,
+    Disconnected,
+    Fault,
+    LlmProfile,
+    ScriptedHandler,
+    ScriptedServer,
+)
 
 logger = logging.getLogger(__name__)
-
-Fault = Literal["ok", "down", "http_500", "slow", "error_midstream", "hang", "disconnect_midstream"]
-FAULTS: tuple[str, ...] = get_args(Fault)
 
 OLLAMA_VERSION = "0.12.6"
 DEFAULT_LISTED_MODELS = ("llama3.2:3b", "llama3.1:8b", "qwen2.5:7b")
 
-
-@dataclass(frozen=True)
-class LlmProfile:
-    """How fast the simulated model answers.
-
-    name: profile name, as given on the command line.
-    ttft_s: seconds from request to the first token.
-    tokens_per_s: generation speed after the first token; 0 means no delay at all.
-    """
-
-    name: str
-    ttft_s: float
-    tokens_per_s: float
-
-
-PROFILES: dict[str, LlmProfile] = {
-    "gpu-8b": LlmProfile("gpu-8b", 0.150, 60.0),
-    "cpu-3b": LlmProfile("cpu-3b", 0.600, 12.0),
-    "instant": LlmProfile("instant", 0.0, 0.0),
-}
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
 # Latin words keep their leading whitespace (as BPE tokens do); CJK goes out two
@@ -273,17 +256,15 @@ def _details(name: str) -> dict[str, Any]:
     }
 
 
-class _Disconnected(Exception):
-    """The client went away (or the server is stopping) while we were streaming."""
-
-
-class OllamaProtocolServer:
+class OllamaProtocolServer(ScriptedServer["RecordedRequest"]):
     """An Ollama-compatible HTTP server on loopback, scripted and paced by a profile.
 
     ``models=None`` accepts any model name; a collection restricts the "pulled" models so
     others get Ollama's 404. ``requests`` lists the requests received, in order (the last
     ``max_recorded``). Faults other than ``down`` affect ``/api/chat`` only.
     """
+
+    kind = "Ollama-protocol server"
 
     def __init__(
         self,
@@ -300,132 +281,28 @@ class OllamaProtocolServer:
         load_s: float = 0.0,
         max_recorded: int = 10_000,
     ) -> None:
-        if isinstance(profile, str):
-            if profile not in PROFILES:
-                raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-            profile = PROFILES[profile]
-        self.profile = profile
         self.script = script or Script()
         self.models: set[str] | None = (
             None if models is None else {normalize_model(m) for m in models}
         )
-        self.host = host
-        self.port = port
-        self.slow_factor = slow_factor
-        self.slow_min_s = slow_min_s
         self.fault_after_tokens = fault_after_tokens
         self.load_s = load_s
-        self.max_recorded = max_recorded
-        self.requests: list[RecordedRequest] = []
-        self._lock = threading.RLock()
-        self._fault: Fault = "ok"
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-        self._running = False
-        self._stopping = threading.Event()
         self._loaded: dict[str, float] = {}
-        self.fault = fault
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port`` of the running server."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> str:
-        """Bind and serve in a background thread; returns the base URL."""
-        with self._lock:
-            if self._running:
-                return self.base_url
-            self._running = True
-            self._stopping.clear()
-            if self._fault != "down":
-                self._listen()
-        logger.info("Ollama-protocol server on %s (profile %s)", self.base_url, self.profile.name)
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop listening, drop open connections and end running streams."""
-        with self._lock:
-            self._running = False
-            self._stopping.set()
-            self._unlisten()
-
-    def __enter__(self) -> OllamaProtocolServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def fault(self) -> Fault:
-        """The current fault mode; settable at any time from any thread."""
-        with self._lock:
-            return self._fault
-
-    @fault.setter
-    def fault(self, value: Fault) -> None:
-        if value not in FAULTS:
-            raise ValueError(f"unknown fault {value!r}; expected one of {', '.join(FAULTS)}")
-        with self._lock:
-            previous, self._fault = self._fault, value
-            if not self._running or previous == value:
-                return
-            if value == "down":
-                self._unlisten()
-            elif previous == "down":
-                self._listen()
+        super().__init__(
+            profile,
+            handler=_Handler,
+            host=host,
+            port=port,
+            fault=fault,
+            slow_factor=slow_factor,
+            slow_min_s=slow_min_s,
+            max_recorded=max_recorded,
+        )
 
     def chat_requests(self) -> list[RecordedRequest]:
         """The recorded ``/api/chat`` requests, in arrival order."""
         with self._lock:
             return [r for r in self.requests if r.path == "/api/chat"]
-
-    def _listen(self) -> None:
-        httpd = _HTTPServer((self.host, self.port), _Handler, self)
-        self.port = httpd.server_address[1]
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"ollama-server-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _unlisten(self) -> None:
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=2)
-        # Idle keep-alive connections would otherwise still be served: a downed Ollama
-        # drops them too.
-        for conn in list(self._connections):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._connections.clear()
-
-    def _track(self, conn: socket.socket, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
-
-    def _record(self, rec: RecordedRequest) -> None:
-        with self._lock:
-            self.requests.append(rec)
-            # A long-running standalone server must not grow without bound.
-            if len(self.requests) > self.max_recorded:
-                del self.requests[: len(self.requests) - self.max_recorded]
 
     def _has_model(self, name: str) -> bool:
         with self._lock:
@@ -444,75 +321,28 @@ class OllamaProtocolServer:
             return sorted(seen | set(DEFAULT_LISTED_MODELS))
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    # Many concurrent bench sessions connect at once.
-    request_queue_size = 128
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[http.server.BaseHTTPRequestHandler],
-        owner: OllamaProtocolServer,
-    ) -> None:
-        self.owner = owner
-        super().__init__(address, handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients resetting idle keep-alive connections are routine; socketserver would
-        # print a traceback to stderr for each.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            logger.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            logger.exception("error while serving %s", client_address)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: what httpx expects of Ollama
+class _Handler(ScriptedHandler):
     server_version = "ollama-protocol-server"
-    disable_nagle_algorithm = True  # tokens are tiny writes; don't let Nagle batch them
-    server: _HTTPServer
 
     @property
     def owner(self) -> OllamaProtocolServer:
-        return self.server.owner
-
-    def setup(self) -> None:
-        super().setup()
-        self.owner._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.owner._track(self.connection, add=False)
-        try:
-            super().finish()
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s " + format, self.address_string(), *args)
+        return cast(OllamaProtocolServer, self.server.owner)
 
     # -- routing ---------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
     def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
+        self.dispatch("HEAD")
 
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            body = self._read_json()
+            body = self.read_json()
         except ValueError as e:
-            self._send_json(400, {"error": f"invalid JSON body: {e}"})
+            self.send_json(400, {"error": f"invalid JSON body: {e}"})
             return
         model = body.get("model") or body.get("name")
         rec = RecordedRequest(method, path, body, model=str(model) if model else None)
-        self.owner._record(rec)
+        self.owner.record(rec)
         try:
             route = {
                 ("GET", "/"): self._root,
@@ -525,32 +355,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 ("POST", "/api/chat"): self._chat,
             }.get((method, path))
             if route is None:
-                self._send_json(404, {"error": "404 page not found"})
+                self.send_json(404, {"error": "404 page not found"})
             else:
                 route(rec)
-        except _Disconnected:
-            rec.client_disconnected = not self.owner._stopping.is_set()
+        except Disconnected:
+            rec.client_disconnected = not self.owner.stopping
             self.close_connection = True
             logger.debug("client left during %s after %d tokens", path, rec.tokens_sent)
         finally:
             rec.finished.set()
 
-    def _read_json(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not length:
-            return {}
-        data = json.loads(self.rfile.read(length) or b"{}")
-        if not isinstance(data, dict):
-            raise ValueError("expected a JSON object")
-        return data
-
     # -- simple routes ---------------------------------------------------------------------
 
     def _root(self, rec: RecordedRequest) -> None:
-        self._send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")
+        self.send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")
 
     def _version(self, rec: RecordedRequest) -> None:
-        self._send_json(200, {"version": OLLAMA_VERSION})
+        self.send_json(200, {"version": OLLAMA_VERSION})
 
     def _model_entry(self, name: str) -> dict[str, Any]:
         return {
@@ -564,7 +385,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _tags(self, rec: RecordedRequest) -> None:
         models = [self._model_entry(n) for n in self.owner._listed_models()]
-        self._send_json(200, {"models": models})
+        self.send_json(200, {"models": models})
 
     def _ps(self, rec: RecordedRequest) -> None:
         now = time.time()
@@ -581,14 +402,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 context_length=4096,
             )
             models.append(entry)
-        self._send_json(200, {"models": models})
+        self.send_json(200, {"models": models})
 
     def _show(self, rec: RecordedRequest) -> None:
         name = rec.model or ""
         if not self.owner._has_model(name):
-            self._send_json(404, {"error": f"model '{name}' not found"})
+            self.send_json(404, {"error": f"model '{name}' not found"})
             return
-        self._send_json(
+        self.send_json(
             200,
             {
                 "modelfile": f"FROM {name}\n",
@@ -607,7 +428,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rec.stream = stream
         if not stream:
             self.owner._add_model(name)
-            self._send_json(200, {"status": "success"})
+            self.send_json(200, {"status": "success"})
             return
         digest = "sha256:" + _digest(name)
         total = 2_019_377_376
@@ -621,11 +442,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             {"status": "writing manifest"},
             {"status": "success"},
         ]
-        self._start_stream()
+        self.start_stream("application/x-ndjson")
         for line in lines:
             self._send_line(line)
         self.owner._add_model(name)
-        self._end_stream()
+        self.end_stream()
 
     # -- chat ------------------------------------------------------------------------------
 
@@ -643,24 +464,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
 
         if not name:
-            self._send_json(400, {"error": "model is required"})
+            self.send_json(400, {"error": "model is required"})
             return
         if not owner._has_model(name):
-            self._send_json(404, {"error": f'model "{name}" not found, try pulling it first'})
+            self.send_json(404, {"error": f'model "{name}" not found, try pulling it first'})
             return
         if fault == "http_500":
-            self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
+            self.send_json(500, {"error": "llama runner process has terminated: exit status 2"})
             return
         if fault == "hang":
-            self._wait(float("inf"))
+            self.wait(float("inf"))
             return
 
         self._mark_loaded(name, rec.keep_alive)
         if owner.load_s:
-            self._wait(owner.load_s)
+            self.wait(owner.load_s)
         if not rec.messages:
             # Ollama's documented way to load a model: empty messages, no generation.
-            self._send_json(200, self._final(name, "load", started, 0, 0, 0.0))
+            self.send_json(200, self._final(name, "load", started, 0, 0, 0.0))
             return
 
         scripted = owner.script.reply(rec.messages)
@@ -680,31 +501,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rec.reply = "".join(tokens)
         rec.tokens_planned = len(tokens)
 
-        profile = owner.profile
-        ttft = profile.ttft_s
-        if fault == "slow":
-            ttft = max(ttft * owner.slow_factor, owner.slow_min_s)
-        interval = 1.0 / profile.tokens_per_s if profile.tokens_per_s > 0 else 0.0
+        ttft = owner.first_token_delay(fault)
+        interval = owner.token_interval()
         prompt_tokens = sum(len(tokenize(str(m.get("content") or ""))) for m in rec.messages)
 
         if not rec.stream:
-            self._wait(ttft + interval * max(len(tokens) - 1, 0))
+            self.wait(ttft + interval * max(len(tokens) - 1, 0))
             final = self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
             final["message"]["content"] = rec.reply
             if rec.tool_calls:
                 final["message"]["tool_calls"] = rec.tool_calls
             rec.tokens_sent = len(tokens)
-            self._send_json(200, final)
+            self.send_json(200, final)
             return
 
-        self._start_stream()
+        self.start_stream("application/x-ndjson")
         first_at = started + ttft
         for i, token in enumerate(tokens):
             if fault in ("error_midstream", "disconnect_midstream") and (
                 i == owner.fault_after_tokens
             ):
                 break
-            self._wait(first_at + i * interval - time.monotonic())
+            self.wait(first_at + i * interval - time.monotonic())
             self._send_line(
                 {
                     "model": name,
@@ -716,7 +534,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             rec.tokens_sent += 1
         else:
             if rec.tool_calls:
-                self._wait(first_at + len(tokens) * interval - time.monotonic())
+                self.wait(first_at + len(tokens) * interval - time.monotonic())
                 self._send_line(
                     {
                         "model": name,
@@ -732,18 +550,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_line(
                 self._final(name, done_reason, started, prompt_tokens, len(tokens), ttft)
             )
-            self._end_stream()
+            self.end_stream()
             return
         if fault == "error_midstream":
             self._send_line({"error": "an error was encountered while running the model"})
-            self._end_stream()
+            self.end_stream()
         else:
             # No terminating chunk: the client sees the body cut short, like a crashed runner.
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError as e:
-                raise _Disconnected from e
+            self.drop_connection()
 
     def _final(
         self,
@@ -779,75 +593,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 until = time.time() + (seconds if seconds > 0 else 10 * 365 * 86400)
                 self.owner._loaded[normalize_model(name)] = until
 
-    # -- I/O -------------------------------------------------------------------------------
-
-    def _client_gone(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s; True if the client closed its side (or the server stops)."""
-        if self.owner._stopping.is_set():
-            return True
-        # poll, not select: select fails on descriptors above 1024 (many bench sessions).
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
-        if not poller.poll(max(timeout, 0.0) * 1000):
-            return False
-        try:
-            data = self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
-        if data:
-            # A pipelined request, not a close: just wait out the time.
-            time.sleep(max(timeout, 0.0))
-            return False
-        return True
-
-    def _wait(self, seconds: float) -> None:
-        """Sleep, but raise _Disconnected as soon as the client leaves or the server stops."""
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if self._client_gone(min(max(left, 0.0), 0.05)):
-                raise _Disconnected
-            if left <= 0:
-                return
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        except OSError as e:
-            raise _Disconnected from e
-
-    def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        self._send_bytes(status, data, "application/json; charset=utf-8")
-
-    def _start_stream(self) -> None:
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-        except OSError as e:
-            raise _Disconnected from e
-
     def _send_line(self, obj: Mapping[str, Any]) -> None:
-        if self._client_gone(0):
-            raise _Disconnected
-        data = json.dumps(obj, ensure_ascii=False).encode() + b"\n"
-        try:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        except OSError as e:
-            raise _Disconnected from e
-
-    def _end_stream(self) -> None:
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError as e:
-            raise _Disconnected from e
+        self.send_chunk(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
 
 
 def _keep_alive_seconds(value: str | float | None) -> float:

@@ -16,27 +16,31 @@ runtime through ``server.fault``, with the same names as the Ollama-protocol ser
 ``hang``                 the chat route sends nothing at all until the client goes away
 ``disconnect_midstream`` a few chunks, then the connection is closed without ``[DONE]``
 
-Built on ``http.server.ThreadingHTTPServer`` like :mod:`voicebot.ollama_server`, so each
+Built on :mod:`voicebot.scripted_http`, like :mod:`voicebot.ollama_server`, so each
 stream can watch its own socket and record a client that goes away.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import logging
-import select
-import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from voicebot.ollama_server import FAULTS, PROFILES, Fault, LlmProfile, Script, tokenize
+from voicebot.ollama_server import Script, tokenize
+from voicebot.scripted_http import (
+    PROFILES,
+    Disconnected,
+    Fault,
+    LlmProfile,
+    ScriptedHandler,
+    ScriptedServer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +131,15 @@ class RecordedRequest:
     finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
-class _Disconnected(Exception):
-    """The client went away (or the server is stopping) while we were streaming."""
-
-
-class OpenAIProtocolServer:
+class OpenAIProtocolServer(ScriptedServer["RecordedRequest"]):
     """An OpenAI-compatible chat server on loopback, scripted and paced by a profile.
 
     ``models=None`` accepts any model name; a collection restricts the served models so
     others get a 404 like vLLM's. With ``api_key`` set, requests without
     ``Authorization: Bearer <api_key>`` get a 401. ``requests`` lists the requests received.
     """
+
+    kind = "OpenAI-protocol server"
 
     def __init__(
         self,
@@ -154,126 +156,30 @@ class OpenAIProtocolServer:
         fault_after_chunks: int = 3,
         max_recorded: int = 10_000,
     ) -> None:
-        if isinstance(profile, str):
-            if profile not in PROFILES:
-                raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-            profile = PROFILES[profile]
-        self.profile = profile
         self.script: ReplyScript = script or TextScript()
         self.models: set[str] | None = None if models is None else set(models)
         self.api_key = api_key
-        self.host = host
-        self.port = port
-        self.slow_factor = slow_factor
-        self.slow_min_s = slow_min_s
         self.fault_after_chunks = fault_after_chunks
-        self.max_recorded = max_recorded
-        self.requests: list[RecordedRequest] = []
-        self._lock = threading.RLock()
-        self._fault: Fault = "ok"
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-        self._running = False
-        self._stopping = threading.Event()
-        self.fault = fault
-
-    # -- lifecycle -------------------------------------------------------------------------
+        super().__init__(
+            profile,
+            handler=_Handler,
+            host=host,
+            port=port,
+            fault=fault,
+            slow_factor=slow_factor,
+            slow_min_s=slow_min_s,
+            max_recorded=max_recorded,
+        )
 
     @property
     def base_url(self) -> str:
         """The ``base_url`` to give an OpenAI client: ``http://host:port/v1``."""
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> str:
-        """Bind and serve in a background thread; returns ``base_url``."""
-        with self._lock:
-            if self._running:
-                return self.base_url
-            self._running = True
-            self._stopping.clear()
-            if self._fault != "down":
-                self._listen()
-        logger.info("OpenAI-protocol server on %s (profile %s)", self.base_url, self.profile.name)
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop listening, drop open connections and end running streams."""
-        with self._lock:
-            self._running = False
-            self._stopping.set()
-            self._unlisten()
-
-    def __enter__(self) -> OpenAIProtocolServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def fault(self) -> Fault:
-        """The current fault mode; settable at any time from any thread."""
-        with self._lock:
-            return self._fault
-
-    @fault.setter
-    def fault(self, value: Fault) -> None:
-        if value not in FAULTS:
-            raise ValueError(f"unknown fault {value!r}; expected one of {', '.join(FAULTS)}")
-        with self._lock:
-            previous, self._fault = self._fault, value
-            if not self._running or previous == value:
-                return
-            if value == "down":
-                self._unlisten()
-            elif previous == "down":
-                self._listen()
-
     def chat_requests(self) -> list[RecordedRequest]:
         """The recorded ``/v1/chat/completions`` requests, in arrival order."""
         with self._lock:
             return [r for r in self.requests if r.path == "/v1/chat/completions"]
-
-    def _listen(self) -> None:
-        httpd = _HTTPServer((self.host, self.port), _Handler, self)
-        self.port = httpd.server_address[1]
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"openai-server-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _unlisten(self) -> None:
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=2)
-        for conn in list(self._connections):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._connections.clear()
-
-    def _track(self, conn: socket.socket, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
-
-    def _record(self, rec: RecordedRequest) -> None:
-        with self._lock:
-            self.requests.append(rec)
-            if len(self.requests) > self.max_recorded:
-                del self.requests[: len(self.requests) - self.max_recorded]
 
     def _served(self) -> list[str]:
         with self._lock:
@@ -282,61 +188,17 @@ class OpenAIProtocolServer:
             return sorted({r.model for r in self.requests if r.model} or {"scripted"})
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[http.server.BaseHTTPRequestHandler],
-        owner: OpenAIProtocolServer,
-    ) -> None:
-        self.owner = owner
-        super().__init__(address, handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            logger.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            logger.exception("error while serving %s", client_address)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(ScriptedHandler):
     server_version = "openai-protocol-server"
-    disable_nagle_algorithm = True
-    server: _HTTPServer
 
     @property
     def owner(self) -> OpenAIProtocolServer:
-        return self.server.owner
+        return cast(OpenAIProtocolServer, self.server.owner)
 
-    def setup(self) -> None:
-        super().setup()
-        self.owner._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.owner._track(self.connection, add=False)
-        try:
-            super().finish()
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            body = self._read_json()
+            body = self.read_json()
         except ValueError as e:
             self._send_error(400, f"invalid JSON body: {e}", "invalid_request_error")
             return
@@ -348,7 +210,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             model=str(model) if model else None,
         )
-        self.owner._record(rec)
+        self.owner.record(rec)
         try:
             if self.owner.api_key is not None and rec.headers.get("authorization") != (
                 f"Bearer {self.owner.api_key}"
@@ -363,28 +225,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send_error(404, f"no route {method} {path}", "not_found")
             else:
                 route(rec)
-        except _Disconnected:
-            rec.client_disconnected = not self.owner._stopping.is_set()
+        except Disconnected:
+            rec.client_disconnected = not self.owner.stopping
             self.close_connection = True
             logger.debug("client left during %s after %d chunks", path, rec.chunks_sent)
         finally:
             rec.finished.set()
-
-    def _read_json(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not length:
-            return {}
-        data = json.loads(self.rfile.read(length) or b"{}")
-        if not isinstance(data, dict):
-            raise ValueError("expected a JSON object")
-        return data
 
     def _models(self, rec: RecordedRequest) -> None:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "voicebot-tests"}
             for name in self.owner._served()
         ]
-        self._send_json(200, {"object": "list", "data": data})
+        self.send_json(200, {"object": "list", "data": data})
 
     # -- chat ------------------------------------------------------------------------------
 
@@ -408,7 +261,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_error(500, "EngineCore encountered an issue.", "InternalServerError")
             return
         if fault == "hang":
-            self._wait(float("inf"))
+            self.wait(float("inf"))
             return
 
         reply = owner.script.reply(rec.messages)
@@ -441,11 +294,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 for i in range(0, len(text), 8)
             ]
 
-        profile = owner.profile
-        ttft = profile.ttft_s
-        if fault == "slow":
-            ttft = max(ttft * owner.slow_factor, owner.slow_min_s)
-        interval = 1.0 / profile.tokens_per_s if profile.tokens_per_s > 0 else 0.0
+        ttft = owner.first_token_delay(fault)
+        interval = owner.token_interval()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         usage = {
             "prompt_tokens": sum(len(tokenize(str(m.get("content") or ""))) for m in rec.messages),
@@ -454,12 +304,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
 
         if not rec.stream:
-            self._wait(ttft + interval * max(len(pieces) - 1, 0))
+            self.wait(ttft + interval * max(len(pieces) - 1, 0))
             message: dict[str, Any] = {"role": "assistant", "content": rec.reply or None}
             if calls:
                 message["tool_calls"] = _merged_calls(pieces)
             rec.chunks_sent = len(pieces)
-            self._send_json(
+            self.send_json(
                 200,
                 {
                     "id": completion_id,
@@ -481,14 +331,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
             }
 
-        self._start_stream()
+        self.start_stream("text/event-stream")
         first_at = started + ttft
         for i, delta in enumerate(pieces):
             if fault in ("error_midstream", "disconnect_midstream") and (
                 i == owner.fault_after_chunks
             ):
                 break
-            self._wait(first_at + i * interval - time.monotonic())
+            self.wait(first_at + i * interval - time.monotonic())
             self._send_event(chunk(delta))
             rec.chunks_sent += 1
         else:
@@ -497,88 +347,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if isinstance(options, Mapping) and options.get("include_usage"):
                 self._send_event({**chunk({}), "choices": [], "usage": usage})
             self._send_data(b"[DONE]")
-            self._end_stream()
+            self.end_stream()
             return
         if fault == "error_midstream":
             self._send_event(
                 {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}
             )
-            self._end_stream()
+            self.end_stream()
         else:
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError as e:
-                raise _Disconnected from e
-
-    # -- I/O -------------------------------------------------------------------------------
-
-    def _client_gone(self, timeout: float) -> bool:
-        if self.owner._stopping.is_set():
-            return True
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
-        if not poller.poll(max(timeout, 0.0) * 1000):
-            return False
-        try:
-            data = self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
-        if data:
-            time.sleep(max(timeout, 0.0))
-            return False
-        return True
-
-    def _wait(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if self._client_gone(min(max(left, 0.0), 0.05)):
-                raise _Disconnected
-            if left <= 0:
-                return
-
-    def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError as e:
-            raise _Disconnected from e
+            self.drop_connection()
 
     def _send_error(self, status: int, message: str, kind: str) -> None:
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": status}})
-
-    def _start_stream(self) -> None:
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-        except OSError as e:
-            raise _Disconnected from e
+        self.send_json(status, {"error": {"message": message, "type": kind, "code": status}})
 
     def _send_event(self, obj: Mapping[str, Any]) -> None:
         self._send_data(json.dumps(obj, ensure_ascii=False).encode())
 
     def _send_data(self, payload: bytes) -> None:
-        if self._client_gone(0):
-            raise _Disconnected
-        data = b"data: " + payload + b"\n\n"
-        try:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        except OSError as e:
-            raise _Disconnected from e
-
-    def _end_stream(self) -> None:
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError as e:
-            raise _Disconnected from e
+        self.send_chunk(b"data: " + payload + b"\n\n")
 
 
 def _merged_calls(pieces: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
