@@ -617,16 +617,7 @@ def serve(
     script: Script | None = None,
 ) -> None:
     """Run the server in the foreground until interrupted."""
-    server = OllamaProtocolServer(profile, host=host, port=port, script=script)
-    url = server.start()
-    logger.info("serving Ollama's API at %s; Ctrl-C stops", url)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    OllamaProtocolServer(profile, host=host, port=port, script=script).serve_until_interrupted()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

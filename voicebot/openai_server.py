@@ -392,15 +392,7 @@ def serve(
 ) -> None:
     """Run the server in the foreground until interrupted."""
     server = OpenAIProtocolServer(profile, script=TextScript(replies), host=host, port=port)
-    url = server.start()
-    logger.info("serving the OpenAI chat API at %s; Ctrl-C stops", url)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_until_interrupted()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

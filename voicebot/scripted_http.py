@@ -133,6 +133,18 @@ class ScriptedServer(Generic[RecordT]):
             self._stopping.set()
             self._unlisten()
 
+    def serve_until_interrupted(self) -> None:
+        """Run in the foreground until Ctrl-C (the ``python -m`` entry points)."""
+        self.start()
+        logger.info("serving at %s; Ctrl-C stops", self.base_url)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
     def __enter__(self) -> Self:
         self.start()
         return self
