@@ -1,5 +1,6 @@
-"""Clients and fakes for the serving fault tests: a recording turn store, FastRTC's websocket
-protocol, an aiortc caller that can vanish, and thread counting."""
+"""Clients and fakes for the serving tests: the app under uvicorn on loopback, a runtime of
+fakes, a recording turn store, FastRTC's websocket protocol, an aiortc caller that can
+vanish, and thread counting."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import numpy as np
+import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests import fakes
+from tests.support_voice import free_port
 from voicebot.conversation import Conversation, Turn
 from voicebot.runtime import PersonaStack, Runtime
+from voicebot.server import Backend
 from voicebot.telephony import ulaw_decode, ulaw_encode
 from voicebot.turns import TurnConfig
 
@@ -56,12 +60,13 @@ class RecordingStore:
             return set(self.opened) - set(self.closed)
 
 
-def served_runtime(store: RecordingStore | None = None) -> Runtime:
+def served_runtime(store: RecordingStore | None = None, **persona_overrides: Any) -> Runtime:
     """Fakes at every seam (tones are speech), a persona with busy and goodbye lines."""
     p = fakes.persona(
         "en",
         busy_message="All lines are busy, please call back later.",
         goodbye="Time is up, goodbye.",
+        **persona_overrides,
     )
     stack = PersonaStack(
         persona=p,
@@ -76,6 +81,66 @@ def served_runtime(store: RecordingStore | None = None) -> Runtime:
         default_persona=p.name,
         store=store,  # type: ignore[arg-type]
     )
+
+
+class LiveServer:
+    """The app under uvicorn on a loopback port, in a thread (lifespan included)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        startup_timeout_s: float = 120.0,
+        log_level: str = "warning",
+        root_path: str = "",
+    ) -> None:
+        self.port = free_port()
+        self.app = app
+        # log_config=None: uvicorn's records reach the root logger (and pytest's caplog)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level=log_level,
+            log_config=None,
+            ws="websockets-sansio",
+            root_path=root_path,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._timeout = startup_timeout_s
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("uvicorn exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+@contextlib.contextmanager
+def fake_backend(runtime: Runtime, dsn: str | None = None) -> Iterator[Backend]:
+    yield Backend(runtime, dsn)
+
+
+def backend_of(runtime: Runtime, dsn: str | None = None) -> Any:
+    return lambda settings: fake_backend(runtime, dsn)
 
 
 POOL_THREAD_PREFIXES = ("asyncio_", "AnyIO worker thread", "ThreadPoolExecutor")

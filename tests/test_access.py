@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from websockets.exceptions import InvalidStatus
 
 from tests import fakes
-from tests.test_telephony import LiveServer, TwilioClient, backend_of, fake_runtime
+from tests.support_served import LiveServer, backend_of, served_runtime
+from tests.test_telephony import TwilioClient
 from voicebot.conversation import Conversation, Turn
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.server import create_app, mount
@@ -54,7 +55,7 @@ def test_mount_under_a_fastapi_root_path_needs_the_token(tmp_path: Path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FastAPI deprecates root_path=; people still use it
         app = FastAPI(root_path="/x")
-    mount(app, "/voice", settings=_token_settings(tmp_path), backend=backend_of(fake_runtime()))
+    mount(app, "/voice", settings=_token_settings(tmp_path), backend=backend_of(served_runtime()))
     with TestClient(app) as client:
         for path in ("/x/voice/api/personas", "/voice/api/personas", "/x/voice/metrics"):
             assert client.get(path).status_code == 401, path
@@ -64,13 +65,13 @@ def test_mount_under_a_fastapi_root_path_needs_the_token(tmp_path: Path) -> None
 
 def test_mount_and_create_app_under_uvicorn_root_path_need_the_token(tmp_path: Path) -> None:
     app = FastAPI()
-    mount(app, "/voice", settings=_token_settings(tmp_path), backend=backend_of(fake_runtime()))
+    mount(app, "/voice", settings=_token_settings(tmp_path), backend=backend_of(served_runtime()))
     with LiveServer(app, root_path="/x") as live, httpx.Client(base_url=live.http) as http:
         assert http.get("/voice/api/personas").status_code == 401
         assert http.get("/voice/api/personas", headers=AUTH).status_code == 200
         assert http.get("/voice/healthz").status_code == 200
     settings = _token_settings(tmp_path, twilio_auth_token="twilio-secret")
-    whole = create_app(settings, backend=backend_of(fake_runtime()))
+    whole = create_app(settings, backend=backend_of(served_runtime()))
     with LiveServer(whole, root_path="/x") as live, httpx.Client(base_url=live.http) as http:
         assert http.get("/api/personas").status_code == 401
         assert http.get("/healthz").status_code == 200  # health stays open under a root path
@@ -125,7 +126,7 @@ def test_a_mount_without_token_answers_only_on_loopback(tmp_path: Path) -> None:
 
 
 def test_bad_query_values_get_422_not_500(tmp_path: Path, pg_dsn: str) -> None:
-    app = create_app(Settings(data_dir=tmp_path), backend=backend_of(fake_runtime(), pg_dsn))
+    app = create_app(Settings(data_dir=tmp_path), backend=backend_of(served_runtime(), pg_dsn))
     cid = uuid.uuid4()
     with TestClient(app, raise_server_exceptions=False) as client:
         for path, params in (

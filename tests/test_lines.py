@@ -28,15 +28,17 @@ from websockets.asyncio.client import connect
 from tests.fakes import silence, tone
 from tests.support_served import (
     FastRTCSocket,
+    LiveServer,
     RecordingStore,
     RtcCaller,
+    backend_of,
     served_runtime,
     thread_count,
     thread_names,
     until,
     wait_until,
 )
-from tests.test_telephony import LiveServer, TwilioClient, backend_of
+from tests.test_telephony import TwilioClient
 from voicebot.server import VoiceService, mount
 from voicebot.server.rtc_signalling import open_entries
 from voicebot.settings import Settings

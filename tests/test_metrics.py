@@ -10,7 +10,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import tone
-from tests.test_telephony import LiveServer, TwilioClient, backend_of, fake_runtime, to_8k
+from tests.support_served import LiveServer, backend_of, served_runtime
+from tests.test_telephony import TwilioClient, to_8k
 from voicebot.conversation import Timings, Turn
 from voicebot.metrics import Metrics
 from voicebot.server import create_app
@@ -48,7 +49,7 @@ def test_turns_latencies_and_errors_by_stage() -> None:
 
 def test_metrics_count_a_simulated_phone_call(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, concurrency_limit=1)
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     with LiveServer(app) as live:
 
         async def scenario() -> tuple[dict, dict]:  # type: ignore[type-arg]

@@ -35,8 +35,9 @@ from fastapi import FastAPI
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.support_served import LiveServer, backend_of, served_runtime
 from tests.support_voice import free_port
-from tests.test_telephony import LiveServer, TwilioClient, backend_of, fake_runtime
+from tests.test_telephony import TwilioClient
 from voicebot.server import create_app, mount
 from voicebot.settings import Settings
 from voicebot.telephony import SignatureChecker
@@ -165,7 +166,7 @@ def _settings(tmp_path: Path, **extra: Any) -> Settings:
 
 
 def _deployments(tmp_path: Path) -> list[Deployment]:
-    runtime = fake_runtime()
+    runtime = served_runtime()
     backend = backend_of(runtime)
     settings = _settings(tmp_path)
     mounted = FastAPI()
@@ -274,7 +275,7 @@ def test_behind_nginx_every_route_needs_the_token_and_twilio_signs_the_public_ur
 
 
 def test_behind_a_proxy_without_a_token_only_health_answers(tmp_path: Path) -> None:
-    app = create_app(Settings(data_dir=tmp_path), backend=backend_of(fake_runtime()))
+    app = create_app(Settings(data_dir=tmp_path), backend=backend_of(served_runtime()))
     deployment = Deployment("open", app, "/open", root_path="/open")
     with _served([deployment], tmp_path / "nginx") as (proxy, lives):
         base = f"http://127.0.0.1:{proxy.port}/open"

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from tests.support_served import served_runtime
-from tests.test_telephony import backend_of
+from tests.support_served import backend_of, served_runtime
 from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.server import create_app
 from voicebot.server.service import services_of

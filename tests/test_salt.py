@@ -16,7 +16,7 @@ import psycopg
 from fastapi import FastAPI
 
 from tests import conftest as _conftest
-from tests.test_telephony import LiveServer, backend_of, fake_runtime
+from tests.support_served import LiveServer, backend_of, served_runtime
 from voicebot import migrations
 from voicebot.server import mount
 from voicebot.settings import Settings
@@ -109,7 +109,7 @@ def test_incoming_call_hashes_the_caller_with_the_shared_salt(
     for replica in ("a", "b"):  # two replicas, two data dirs, one database
         app = FastAPI()
         settings = Settings(data_dir=tmp_path / replica)
-        mount(app, "", settings=settings, backend=backend_of(fake_runtime(), pg_fresh_dsn))
+        mount(app, "", settings=settings, backend=backend_of(served_runtime(), pg_fresh_dsn))
         with LiveServer(app) as live:
             form = {"CallSid": "CA1", "From": "+15559998888", "To": "+15550001111"}
             reply = httpx.post(f"{live.http}/telephone/incoming", data=form, timeout=30)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.support_served import LiveServer, backend_of, served_runtime
 from tests.support_voice import (
     KeywordScript,
     Timeline,
@@ -32,10 +33,9 @@ from tests.support_voice import (
     subprocess_env,
     voicebot_command,
 )
-from tests.test_telephony import Backend, LiveServer, backend_of, fake_runtime
 from voicebot.errors import ConfigError
 from voicebot.ollama_server import OllamaProtocolServer
-from voicebot.server import create_app, is_loopback, mount
+from voicebot.server import Backend, create_app, is_loopback, mount
 from voicebot.settings import Settings
 
 TOKEN = "s3cret-token-for-tests"
@@ -45,7 +45,7 @@ def counting_backend(counter: list[int], dsn: str | None = None) -> Any:
     @contextlib.contextmanager
     def factory(settings: Settings) -> Iterator[Backend]:
         counter.append(1)
-        yield Backend(fake_runtime(), dsn)
+        yield Backend(served_runtime(), dsn)
 
     return factory
 
@@ -125,7 +125,7 @@ def test_concurrency_and_time_limits_are_explicit(tmp_path: Path) -> None:
         app,
         "/v",
         settings=Settings(data_dir=tmp_path, concurrency_limit=5, time_limit_s=42),
-        backend=backend_of(fake_runtime()),
+        backend=backend_of(served_runtime()),
     )
     assert service.stream.concurrency_limit == 5  # not FastRTC's default of 1
     assert service.stream.time_limit is not None and service.stream.time_limit > 42
@@ -173,7 +173,7 @@ def test_every_protected_route_needs_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     settings = Settings(data_dir=tmp_path, api_token=TOKEN)
-    app = create_app(settings, ui=True, backend=backend_of(fake_runtime(), pg_dsn))
+    app = create_app(settings, ui=True, backend=backend_of(served_runtime(), pg_dsn))
     cid = uuid.uuid4()
     gets = [
         "/api/personas",
@@ -244,7 +244,7 @@ def test_every_protected_route_needs_the_token(
 
 def test_body_limits_and_cors(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, max_body_bytes=1000)
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     big = {"sdp": "x" * 5000, "type": "offer", "webrtc_id": "a"}
     with TestClient(app) as client:
         assert client.post("/webrtc/offer", json=big).status_code == 413
@@ -259,7 +259,7 @@ def test_body_limits_and_cors(tmp_path: Path) -> None:
         )
         assert "access-control-allow-origin" not in preflight.headers  # CORS off by default
     cors = Settings(data_dir=tmp_path, cors_origins=["https://app.example"])
-    with TestClient(create_app(cors, backend=backend_of(fake_runtime()))) as client:
+    with TestClient(create_app(cors, backend=backend_of(served_runtime()))) as client:
         preflight = client.options(
             "/api/personas",
             headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
@@ -270,7 +270,7 @@ def test_body_limits_and_cors(tmp_path: Path) -> None:
 def test_readyz_names_each_check(tmp_path: Path, pg_dsn: str) -> None:
     with OllamaProtocolServer("instant") as ollama:
         settings = Settings(data_dir=tmp_path, ollama_host=ollama.base_url)
-        app = create_app(settings, backend=backend_of(fake_runtime(), pg_dsn))
+        app = create_app(settings, backend=backend_of(served_runtime(), pg_dsn))
         with TestClient(app) as client:
             ready = client.get("/readyz")
             assert ready.status_code == 200
@@ -278,7 +278,7 @@ def test_readyz_names_each_check(tmp_path: Path, pg_dsn: str) -> None:
             assert body["ready"] is True
             assert set(body["checks"]) == {"models", "ollama", "database"}
     down = Settings(data_dir=tmp_path, ollama_host="http://127.0.0.1:9")
-    with TestClient(create_app(down, backend=backend_of(fake_runtime(), pg_dsn))) as client:
+    with TestClient(create_app(down, backend=backend_of(served_runtime(), pg_dsn))) as client:
         reply = client.get("/readyz")
         assert reply.status_code == 503
         checks = reply.json()["checks"]
@@ -305,7 +305,7 @@ def test_sse_follows_a_call_simulated_in_another_process(
     soundfile.write(wav, call.audio[1], call.rate)
     cid = uuid.uuid4()
     settings = Settings(data_dir=tmp_path / "server")
-    app = create_app(settings, backend=backend_of(fake_runtime(), pg_dsn))
+    app = create_app(settings, backend=backend_of(served_runtime(), pg_dsn))
     events: list[dict[str, Any]] = []
     with (
         OllamaProtocolServer("instant", script=script) as ollama,
@@ -377,7 +377,7 @@ def test_call_events_stream_the_callers_own_turns(tmp_path: Path) -> None:
     from tests.test_telephony import TwilioClient, to_8k
 
     settings = Settings(data_dir=tmp_path, concurrency_limit=2)
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     updates: list[dict[str, Any]] = []
     with LiveServer(app) as live:
 

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import threading
 import time
 import uuid
 import warnings
@@ -27,17 +26,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests import fakes
 from tests.fakes import tone
-from tests.support_voice import KeywordScript, free_port, joe, say
+from tests.support_served import LiveServer, backend_of, served_runtime
+from tests.support_voice import KeywordScript, joe, say
 from voicebot.audio import resample
 from voicebot.ollama_server import OllamaProtocolServer
-from voicebot.runtime import PersonaStack, Runtime
-from voicebot.server import Backend, create_app, default_backend
+from voicebot.runtime import Runtime
+from voicebot.server import create_app, default_backend
 from voicebot.settings import Settings
 from voicebot.store import InMemoryTurnStore
 from voicebot.telephony import (
@@ -52,91 +51,6 @@ from voicebot.telephony import (
     ulaw_decode,
     ulaw_encode,
 )
-from voicebot.turns import TurnConfig
-
-# --- helpers shared with test_server / test_metrics -------------------------------------------
-
-
-class LiveServer:
-    """The app under uvicorn on a loopback port, in a thread (lifespan included)."""
-
-    def __init__(
-        self,
-        app: Any,
-        *,
-        startup_timeout_s: float = 120.0,
-        log_level: str = "warning",
-        root_path: str = "",
-    ) -> None:
-        self.port = free_port()
-        self.app = app
-        # log_config=None: uvicorn's records reach the root logger (and pytest's caplog)
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level=log_level,
-            log_config=None,
-            ws="websockets-sansio",
-            root_path=root_path,
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self._timeout = startup_timeout_s
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + self._timeout
-        while not self.server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("uvicorn exited during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
-
-
-@contextlib.contextmanager
-def fake_backend(runtime: Runtime, dsn: str | None = None) -> Iterator[Backend]:
-    yield Backend(runtime, dsn)
-
-
-def backend_of(runtime: Runtime, dsn: str | None = None) -> Any:
-    return lambda settings: fake_backend(runtime, dsn)
-
-
-def fake_runtime(**persona_overrides: Any) -> Runtime:
-    """Fakes at every seam, tone speech, a persona with busy and goodbye lines."""
-    p = fakes.persona(
-        "en",
-        busy_message="All lines are busy, please call back later.",
-        goodbye="Time is up, goodbye.",
-        **persona_overrides,
-    )
-    stack = PersonaStack(
-        persona=p,
-        transcriber=fakes.FakeTranscriber(),
-        chat=fakes.FakeChat(reply="Sure. Here is a short answer."),
-        synthesizer=fakes.ToneSynthesizer(per_char_s=0.01),
-    )
-    return Runtime(
-        vad=fakes.EnergyVad(),
-        stacks={p.name: stack},
-        turn_config=TurnConfig(),
-        default_persona=p.name,
-    )
 
 
 def to_8k(audio: tuple[int, np.ndarray]) -> np.ndarray:
@@ -408,7 +322,7 @@ def test_signature_checker_accepts_twilio_signatures_only() -> None:
 
 def test_phone_call_answers_survives_garbage_and_counts_toward_the_limit(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, concurrency_limit=1, time_limit_s=60)
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     with LiveServer(app) as live:
 
         async def scenario() -> None:
@@ -452,7 +366,7 @@ def test_phone_call_answers_survives_garbage_and_counts_toward_the_limit(tmp_pat
 
 def test_a_vanished_caller_frees_its_slot_within_2_s(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, concurrency_limit=1, time_limit_s=60)
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     with LiveServer(app) as live:
 
         async def scenario() -> float:
@@ -475,7 +389,7 @@ def test_a_vanished_caller_frees_its_slot_within_2_s(tmp_path: Path) -> None:
 
 def test_time_limit_says_goodbye_and_hangs_up(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, concurrency_limit=2, time_limit_s=1.5)
-    runtime = fake_runtime()
+    runtime = served_runtime()
     app = create_app(settings, backend=backend_of(runtime))
     with LiveServer(app) as live:
 
@@ -502,7 +416,7 @@ def test_twilio_signatures_are_required_when_configured(tmp_path: Path) -> None:
         phone_personas={"+15550001111": "test-en"},
         caller_hash_salt="pepper",
     )
-    app = create_app(settings, backend=backend_of(fake_runtime()))
+    app = create_app(settings, backend=backend_of(served_runtime()))
     checker = SignatureChecker("twilio-secret")
     with LiveServer(app) as live:
         url = f"{live.http}/telephone/incoming"
@@ -657,7 +571,7 @@ class CountingStore(InMemoryTurnStore):
 
 
 def long_reply_runtime(store: CountingStore, reply: str = LONG_REPLY) -> Runtime:
-    runtime = fake_runtime()
+    runtime = served_runtime()
     stack = runtime.stacks[runtime.default_persona]
     chat = fakes.FakeChat(reply=reply, token_s=0.0)
     stacks = {runtime.default_persona: dataclasses.replace(stack, chat=chat)}

@@ -451,7 +451,7 @@ def test_the_server_serves_the_bookings_behind_its_token(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from tests.test_telephony import backend_of, fake_runtime
+    from tests.support_served import backend_of, served_runtime
     from voicebot.server import create_app
 
     day = date(2026, 12, 11)
@@ -469,11 +469,11 @@ def test_the_server_serves_the_bookings_behind_its_token(
     token = "tool-call-token"
     settings = Settings(data_dir=tmp_path, api_token=token)
     auth = {"Authorization": f"Bearer {token}"}
-    with TestClient(create_app(settings, backend=backend_of(fake_runtime(), pg_dsn))) as client:
+    with TestClient(create_app(settings, backend=backend_of(served_runtime(), pg_dsn))) as client:
         assert client.get("/api/reservations").status_code == 401
         found = client.get("/api/reservations", params={"date": day.isoformat()}, headers=auth)
         assert found.status_code == 200
         ours = [r for r in found.json() if r["restaurant"] == restaurant]
         assert [(r["name"], r["time"], r["party_size"]) for r in ours] == [("Suzuki", "18:30", 3)]
-    with TestClient(create_app(settings, backend=backend_of(fake_runtime()))) as client:
+    with TestClient(create_app(settings, backend=backend_of(served_runtime()))) as client:
         assert client.get("/api/reservations", headers=auth).status_code == 503

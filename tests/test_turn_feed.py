@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 
 from tests import conftest as _conftest
+from tests.support_served import LiveServer, backend_of, served_runtime
 from tests.test_store import make_turn, new_conversation
-from tests.test_telephony import LiveServer, backend_of, fake_runtime
 from voicebot import migrations
 from voicebot.server import mount
 from voicebot.settings import Settings
@@ -73,7 +73,7 @@ def test_sse_fan_out_one_connection_all_events_cap_and_ended_call(
     dsn = migrated(pg_fresh_dsn)
     app = FastAPI()
     service = mount(
-        app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(fake_runtime(), dsn)
+        app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(served_runtime(), dsn)
     )
     conversation = new_conversation()
     cid = conversation.conversation_id
@@ -148,7 +148,7 @@ def test_sse_fan_out_one_connection_all_events_cap_and_ended_call(
 def test_conversation_detail_has_every_timing(pg_fresh_dsn: str, tmp_path: Path) -> None:
     dsn = migrated(pg_fresh_dsn)
     app = FastAPI()
-    mount(app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(fake_runtime(), dsn))
+    mount(app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(served_runtime(), dsn))
     conversation = new_conversation()
     cid = conversation.conversation_id
     turn = make_turn(cid, 1)

@@ -311,11 +311,10 @@ def test_a_webrtc_caller_vanishing_mid_reply_ends_the_call_once_with_the_turn(
     import subprocess
     import sys
 
+    from tests.support_served import LiveServer, backend_of
     from tests.test_telephony import (
         CountingStore,
-        LiveServer,
         assert_ended_once_with_the_turn,
-        backend_of,
         long_reply_runtime,
     )
     from voicebot.server import create_app
