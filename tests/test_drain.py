@@ -11,6 +11,7 @@ the page to continue a phone conversation, which it must not.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,8 @@ from voicebot.ollama_server import OllamaProtocolServer
 
 DRAIN_S = 3.0
 ANSWER = "Paris is the capital of France."
+TOKEN = "tok-" + secrets.token_urlsafe(18)
+"""``ui`` runs with a token: its page then wants ``?token=`` once, and no log line shows it."""
 
 
 @pytest.mark.parametrize("command", ["serve", "ui"])
@@ -75,6 +78,7 @@ def test_sigterm_drains_the_call_then_exits_0(
                 VOICEBOT_DRAIN_TIMEOUT_S=str(DRAIN_S),
                 VOICEBOT_PERSONAS_DIR=str(personas),
                 VOICEBOT_CONCURRENCY_LIMIT="2",
+                **({"VOICEBOT_API_TOKEN": TOKEN} if command == "ui" else {}),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -113,6 +117,9 @@ def test_sigterm_drains_the_call_then_exits_0(
     assert all(r[1] is not None for r in rows), "the drained conversation has no ended_at"
     assert "france" in rows[0][2].lower() and rows[0][3].startswith("Paris"), rows
     if command == "ui":
+        # At INFO (the level users run it) the log holds neither the token nor what the
+        # caller said (tests/test_logs.py runs `ui` at DEBUG).
+        assert TOKEN not in out and "capital of france" not in out.lower(), out[-3000:]
         # The page asked to continue the phone conversation: refused, a new one was started
         # and the phone conversation was left as it was.
         assert phone not in {r[0] for r in rows}, rows
@@ -211,14 +218,21 @@ async def _page_call_and_drain(
     session = uuid.uuid4().hex
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         deadline = time.monotonic() + 150
-        config: dict[str, Any] | None = None
-        while config is None:  # the port opens once the models are loaded
+        page: httpx.Response | None = None
+        while page is None:  # the port opens once the models are loaded
             assert server.poll() is None, "voicebot ui exited during start-up"
             assert time.monotonic() < deadline, "voicebot ui never served its page"
             try:
-                config = (await http.get("/config")).json()
+                page = await http.get("/")
             except httpx.HTTPError:
                 await asyncio.sleep(0.3)
+        # Guarded: nothing without the token; `?token=` once, then its cookie carries it.
+        assert page.status_code == 401
+        assert (await http.get("/gradio_api/info")).status_code == 401
+        assert (await http.get("/", params={"token": "wrong"})).status_code == 401
+        visit = await http.get("/", params={"token": TOKEN})
+        assert visit.status_code == 200 and "voicebot_token" in visit.headers["set-cookie"]
+        config = (await http.get("/config")).json()
         webrtc = next(c["id"] for c in config["components"] if c["type"] == "webrtc")
         inputs = next(
             i for i, d in enumerate(config["dependencies"]) if d["targets"] == [[webrtc, "tick"]]
