@@ -291,13 +291,22 @@ class RtcCaller:
         self.frames: list[tuple[float, float]] = []  # (arrival, peak)
         self.tasks: list[asyncio.Future[Any]] = []
         self.speech_end_t: float | None = None
+        self.messages: list[dict[str, Any]] = []  # what the server sent on the text channel
+        self.on_message: Callable[[dict[str, Any]], None] | None = None
 
         class Microphone(AudioStreamTrack):
             async def recv(self) -> Any:
                 return await outer._next_frame()
 
-        self.pc.createDataChannel("text")
+        channel = self.pc.createDataChannel("text")
         self.pc.addTrack(Microphone())
+
+        @channel.on("message")  # type: ignore[misc]
+        def _on_message(raw: str) -> None:
+            message = json.loads(raw)
+            self.messages.append(message)
+            if self.on_message is not None:
+                self.on_message(message)
 
         @self.pc.on("track")  # type: ignore[misc]
         def _on_track(track: Any) -> None:

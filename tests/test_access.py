@@ -29,6 +29,8 @@ from voicebot.server.access import (
     resume_refusal,
     route_path,
 )
+from voicebot.server.app import create_page_app
+from voicebot.server.service import services_of
 from voicebot.settings import Settings
 from voicebot.telephony import SignatureChecker, StreamTickets, caller_hash
 from voicebot.turns import TurnConfig
@@ -281,9 +283,12 @@ def test_resume_policy() -> None:
     assert resume_refusal(None, persona="test-en", channel="web") is not None
 
 
+@pytest.mark.parametrize("page", ["served", "stand-alone"])
 def test_the_page_continues_only_its_own_conversations_and_never_rewrites_them(
-    tmp_path: Path, pg_dsn: str
+    page: str, tmp_path: Path, pg_dsn: str
 ) -> None:
+    """``serve``'s page at /ui and ``voicebot ui``'s page alone (``create_page_app``) apply
+    one rule: their calls are the page stream's own handlers."""
     import psycopg
 
     from voicebot.store import PostgresTurnStore
@@ -316,14 +321,20 @@ def test_the_page_continues_only_its_own_conversations_and_never_rewrites_them(
         return tuple(row)
 
     before = {cid: stored(cid) for cid in (phone, web, other)}
-    app = FastAPI()
-    service = mount(
-        app, "", settings=Settings(data_dir=tmp_path), backend=backend_of(runtime, pg_dsn)
-    )
-    with TestClient(app):
+    settings, backend = Settings(data_dir=tmp_path), backend_of(runtime, pg_dsn)
+    if page == "served":
+        app = FastAPI()
+        service = mount(app, "", settings=settings, ui=True, backend=backend)
+    else:
+        app = create_page_app(settings, backend=backend)
+        (service,) = services_of(app)
+    with TestClient(app) as client:
+        if page == "stand-alone":
+            assert client.get("/").status_code == 200  # the page, at the root
+            assert client.get("/api/personas").status_code == 404  # and nothing else
         attempts = [(phone, False), (other, False), ("not-an-id", False), (web, True)]
         for cid, allowed in attempts:
-            handler = service.new_handler("web", persona_from_ui=True)
+            handler = service.ui_stream.event_handler.copy()  # what a page call runs
             handler.resume(cid)  # what the page's "continue conversation" box does
             assert (handler.conversation_id == cid) is allowed, cid
             assert bool(handler.history) is allowed, cid

@@ -298,8 +298,9 @@ def open_turn_store(settings: Settings) -> Iterator[PostgresTurnStore]:
 
 
 def build_stream(runtime: Runtime, settings: Settings) -> Any:
-    """The FastRTC stream with its Gradio page: persona picker, audio, transcript, latencies,
-    and (with a turn log) the recent conversations, one of which a call may continue."""
+    """A FastRTC stream with its Gradio page around an already loaded ``runtime``, without the
+    serving path's lines, drain or resume rule: for tests and scripts that drive the page's
+    parts directly. ``voicebot ui`` and ``serve`` build theirs in ``voicebot.server.app``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from voicebot.handler import VoiceHandler
     from voicebot.ui import build_call_stream
@@ -318,43 +319,15 @@ def build_stream(runtime: Runtime, settings: Settings) -> Any:
 
 
 def build_page(stream: Any, runtime: Runtime) -> Any:
-    """The page to serve: the stream's UI, plus the conversation log when there is one."""
-    import gradio as gr
-
-    from voicebot.ui import ConversationLog, add_conversation_log
+    """``build_stream``'s page, plus the conversation log when the runtime's store has one."""
+    from voicebot.ui import ConversationLog
+    from voicebot.ui import build_page as page_of
 
     store = runtime.store
     if store is None or not hasattr(store, "conversations"):
         return stream.ui
     log: ConversationLog = store  # type: ignore[assignment]
-    persona_box, conversation_box = stream.additional_input_components[:2]
-    with gr.Blocks(title="voicebot", analytics_enabled=False, css=stream.ui.css) as page:
-        stream.ui.render()
-        add_conversation_log(
-            log,
-            conversation_box,
-            persona_box=persona_box,
-            transcript=stream.additional_output_components[0],
-            personas=list(runtime.stacks),
-        )
-    return page
-
-
-def launch_ui(settings: Settings, runtime: Runtime) -> Any:
-    """Start serving the Gradio page and return it once it answers (``block_thread()`` waits)."""
-    from voicebot.server.access import page_middleware
-
-    page = build_page(build_stream(runtime, settings), runtime)
-    page.launch(
-        app_kwargs={"middleware": page_middleware(settings)},
-        server_name=settings.host,
-        server_port=settings.port,
-        share=False,
-        show_api=False,
-        quiet=True,
-        prevent_thread_lock=True,
-    )
-    return page
+    return page_of(stream, log, list(runtime.stacks))
 
 
 __all__ = [
@@ -363,6 +336,5 @@ __all__ = [
     "build_page",
     "build_runtime",
     "build_stream",
-    "launch_ui",
     "turn_config",
 ]

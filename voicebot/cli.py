@@ -193,7 +193,7 @@ def ui(
     store: StoreOpt = True,
 ) -> None:
     """The main job: the voice agent's web page (default http://127.0.0.1:7860)."""
-    from voicebot.app import launch_ui
+    from voicebot.server.serving import run as run_draining
 
     try:
         settings = options.settings(host=host, port=port)
@@ -201,14 +201,43 @@ def ui(
 
         check_exposure(settings)
         install_log_redaction(log_secrets(settings))
-        with _maybe_store(settings, store) as persistence:
-            runtime = _runtime(settings, persistence, offer_pull=_offer_pull)
-            page = launch_ui(settings, runtime)
-            step("  page      served", ready=True)
-            typer.echo(f"voicebot is listening on http://{settings.host}:{settings.port}")
-            page.block_thread()
+        # Models load before the port opens, so a start-up error is one line (exit 2).
+        with _page_backend(settings, store) as loaded:
+            from voicebot.server.app import create_page_app
+
+            # The page alone, served as `serve` serves it: one guard, line book, resume
+            # rule and drain.
+            application = create_page_app(
+                settings,
+                backend=lambda _: contextlib.nullcontext(loaded),
+                conversation_log=store,
+            )
+            _announce_when_started(
+                application,
+                f"voicebot is listening on http://{settings.host}:{settings.port}",
+                step_line="page      served",
+            )
+            # The first SIGTERM drains the calls (VOICEBOT_DRAIN_TIMEOUT_S) before uvicorn
+            # stops; then the turn log flushes and the embedded PostgreSQL stops.
+            run_draining(
+                application,
+                host=settings.host,
+                port=settings.port,
+                drain_timeout_s=settings.drain_timeout_s,
+            )
     except VoicebotError as e:
         fail(e)
+
+
+@contextlib.contextmanager
+def _page_backend(settings: Settings, store: bool) -> Iterator[Any]:
+    """What ``voicebot ui`` serves: the turn log (unless --no-store) and every persona's
+    models, offering to pull a missing LLM at a terminal (``server.Backend``)."""
+    from voicebot.server.service import Backend
+
+    with _maybe_store(settings, store) as persistence:
+        runtime = _runtime(settings, persistence, offer_pull=_offer_pull)
+        yield Backend(runtime, persistence.store.dsn if persistence is not None else None)
 
 
 @app.command()
@@ -321,7 +350,9 @@ def serve(
         application = create_app(settings, ui=ui)
     except VoicebotError as e:
         fail(e)
-    _announce_when_started(application, f"http://{settings.host}:{settings.port}")
+    _announce_when_started(
+        application, f"voicebot is serving on http://{settings.host}:{settings.port}"
+    )
     # The first SIGTERM drains the calls (VOICEBOT_DRAIN_TIMEOUT_S) before uvicorn stops.
     run_draining(
         application,
@@ -331,15 +362,16 @@ def serve(
     )
 
 
-def _announce_when_started(application: Any, url: str) -> None:
-    """Print the URL once the app's lifespan has loaded the models (the last start-up line)."""
+def _announce_when_started(application: Any, line: str, *, step_line: str = "ready") -> None:
+    """Print ``line`` (the URL) once the app's lifespan has loaded the models: the last
+    start-up line."""
     starting = application.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
         async with starting(app) as state:
-            step("  ready", ready=True)
-            typer.echo(f"voicebot is serving on {url}")
+            step(f"  {step_line}", ready=True)
+            typer.echo(line)
             yield state
 
     application.router.lifespan_context = lifespan

@@ -441,3 +441,23 @@ def build_call_stream(
     # Ours first: FastRTC's stylesheet ends with a stray ";" that would void the next rule.
     stream.ui.css = PAGE_CSS.read_text(encoding="utf-8") + "\n" + (stream.ui.css or "")
     return stream
+
+
+def build_page(
+    stream: Any, log: ConversationLog | None = None, personas: list[str] | None = None
+) -> Any:
+    """The page to serve: the stream's UI, plus the conversation log when there is one
+    (``personas``: the names a continued conversation's persona may be picked from)."""
+    if log is None:
+        return stream.ui
+    persona_box, conversation_box = stream.additional_input_components[:2]
+    with gr.Blocks(title="voicebot", analytics_enabled=False, css=stream.ui.css) as page:
+        stream.ui.render()
+        add_conversation_log(
+            log,
+            conversation_box,
+            persona_box=persona_box,
+            transcript=stream.additional_output_components[0],
+            personas=personas,
+        )
+    return page

@@ -395,21 +395,3 @@ def resume_refusal(
     if stored.persona != persona:
         return f"it was started with another persona ({stored.persona})"
     return None
-
-
-def page_middleware(settings: Settings) -> list[Any]:
-    """The guard for a page Gradio serves itself (``voicebot ui``), as FastAPI middleware.
-
-    Gradio's launch checks its own ``startup-events`` route without credentials: that one
-    stays open."""
-    from starlette.middleware import Middleware
-
-    token = settings.api_token.get_secret_value() if settings.api_token else ""
-    policy = GuardPolicy(
-        prefix="",
-        api_token=token or None,
-        max_body_bytes=settings.max_body_bytes,
-        open_paths=frozenset({"/gradio_api/startup-events"}),
-        cookie_paths=("/",),
-    )
-    return [Middleware(Guard, policy=policy)]

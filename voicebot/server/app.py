@@ -1,12 +1,16 @@
 """The app: ``create_app()`` and ``mount(app)`` put the agent's routes, guard and lifespan on
-a FastAPI app, with the Gradio page at ``/ui`` when asked for."""
+a FastAPI app, with the Gradio page at ``/ui`` when asked for; ``create_page_app()`` serves
+the page alone (``voicebot ui``) through the same service, guard and drain."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -20,8 +24,13 @@ from voicebot.server.access import (
     log_secrets,
 )
 from voicebot.server.routes import api, health, phone, rtc
-from voicebot.server.service import GOODBYE_GRACE_S, BackendFactory, VoiceService
+from voicebot.server.service import BackendFactory, VoiceService
 from voicebot.settings import Settings
+
+if TYPE_CHECKING:
+    from voicebot.conversation import Turn
+    from voicebot.store import ConversationSummary
+    from voicebot.ui import ConversationLog
 
 
 def mount(
@@ -49,8 +58,7 @@ def mount(
     for routes in (rtc, phone, api, health):
         app.include_router(routes.build_router(service))
     app.include_router(reservations_router(lambda: service.turn_log, prefix=service.path))
-    app.add_middleware(Guard, policy=guard_policy(service))
-    install_log_redaction(log_secrets(settings))
+    _guard_and_run(app, service, page_path="/ui")
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -60,6 +68,46 @@ def mount(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if ui:
+        _mount_page(app, service, f"{service.path}/ui")
+    return service
+
+
+def create_page_app(
+    settings: Settings | None = None,
+    *,
+    backend: BackendFactory | None = None,
+    conversation_log: bool = True,
+) -> FastAPI:
+    """The page alone, at the root (``voicebot ui``): the same service, guard, lines, resume
+    rule and drain as ``create_app(ui=True)``'s ``/ui``, and no other route.
+
+    ``conversation_log``: show the recent conversations (needs the backend's turn store)."""
+    settings = settings or Settings()
+    check_exposure(settings)
+    app = FastAPI(title="voicebot", docs_url=None, redoc_url=None, openapi_url=None)
+    service = VoiceService(app, settings, path="", backend=backend)
+    _guard_and_run(app, service, page_path="/")
+    _mount_page(app, service, "/", conversation_log=conversation_log)
+    return app
+
+
+def guard_policy(service: VoiceService, *, page_path: str = "/ui") -> GuardPolicy:
+    """The access rules of one mount; ``page_path``: where the page is, inside the mount."""
+    return GuardPolicy(
+        prefix=service.path,
+        api_token=service.api_token,
+        max_body_bytes=service.settings.max_body_bytes,
+        twilio_signed=service.signature_checker is not None,
+        cookie_paths=(page_path,),
+        on_reject=service.metrics.call_rejected,
+    )
+
+
+def _guard_and_run(app: FastAPI, service: VoiceService, *, page_path: str) -> None:
+    """Put the mount's guard on ``app`` and run its service in the app's lifespan."""
+    app.add_middleware(Guard, policy=guard_policy(service, page_path=page_path))
+    install_log_redaction(log_secrets(service.settings))
     previous = app.router.lifespan_context
 
     @asynccontextmanager
@@ -68,45 +116,60 @@ def mount(
             yield state
 
     app.router.lifespan_context = lifespan
-    if ui:
-        _mount_ui(app, service)
-    return service
 
 
-def guard_policy(service: VoiceService) -> GuardPolicy:
-    """The access rules of one mount."""
-    return GuardPolicy(
-        prefix=service.path,
-        api_token=service.api_token,
-        max_body_bytes=service.settings.max_body_bytes,
-        twilio_signed=service.signature_checker is not None,
-        on_reject=service.metrics.call_rejected,
-    )
+class _StoredConversations:
+    """The page's conversation log: the turn store of the service's backend, once loaded."""
+
+    def __init__(self, service: VoiceService) -> None:
+        self._service = service
+
+    def _store(self) -> ConversationLog | None:
+        backend = self._service.backend
+        store = backend.runtime.store if backend is not None else None
+        if store is None or not hasattr(store, "conversations"):
+            return None  # not started yet, or a store that only writes
+        log: ConversationLog = store  # type: ignore[assignment]
+        return log
+
+    def conversations(self, limit: int = 20) -> list[ConversationSummary]:
+        store = self._store()
+        return [] if store is None else store.conversations(limit)
+
+    def recent_turns(self, conversation_id: uuid.UUID, limit: int) -> list[Turn]:
+        store = self._store()
+        return [] if store is None else store.recent_turns(conversation_id, limit)
 
 
-def _mount_ui(app: FastAPI, service: VoiceService) -> None:
+def _mount_page(
+    app: FastAPI, service: VoiceService, path: str, *, conversation_log: bool = True
+) -> None:
+    """The Gradio page at ``path``: its calls are the service's (lines, resume rule, drain)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     from voicebot.app import select_personas
-    from voicebot.ui import build_call_stream
+    from voicebot.ui import build_call_stream, build_page
 
     settings = service.settings
     # Persona choices are read from the files: the models are not loaded yet.
-    choices = [(p.display_name, name) for name, p in select_personas(settings, None).items()]
-    prototype = service.prototype("web", from_ui=True)
-    hard_limit = None if settings.time_limit_s is None else settings.time_limit_s + GOODBYE_GRACE_S
+    personas = select_personas(settings, None)
     service.ui_stream = build_call_stream(
-        prototype,
-        choices,
+        service.prototype("web", from_ui=True),
+        [(p.display_name, name) for name, p in personas.items()],
         settings.persona,
         concurrency_limit=service.limit,
-        time_limit=hard_limit,
+        time_limit=service.hard_limit_s,
+        languages={name: p.language for name, p in personas.items()},
         rtc_configuration=settings.rtc_configuration.as_dict()
         if settings.rtc_configuration
         else None,
     )
-    gr.mount_gradio_app(app, service.ui_stream.ui, path=f"{service.path}/ui")
+    log = _StoredConversations(service) if conversation_log else None
+    page = build_page(service.ui_stream, log, list(personas))
+    # mount_gradio_app prints "new <path>" on stdout: keep our start-up output to our lines.
+    with contextlib.redirect_stdout(io.StringIO()):
+        gr.mount_gradio_app(app, page, path=path, show_api=False)
 
 
 def create_app(
