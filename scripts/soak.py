@@ -6,8 +6,15 @@ with barge-ins, measuring the server process's RSS and threads.
 The server runs as a subprocess with real models (whisper tiny.en and the piper joe voice from
 their PyPI wheels, unless --stt-model/--tts-voice say otherwise), the project's Ollama-protocol
 server as its LLM, and its embedded PostgreSQL. The callers speak FastRTC's websocket protocol
-on loopback. Prints one line per minute (RSS, growth per minute per call, threads, calls, lines
-held) and a summary; exits 1 when a line leaked or the server did not drain and exit 0.
+on loopback. Prints one line per minute (RSS, threads, calls, lines held) and a summary; exits 1
+when a line leaked or the server did not drain and exit 0.
+
+How the figures are taken: the server's RSS and thread count are read from ``/proc/PID/status``
+every 5 s, during the cycles and during the calls, and once more after the last call has hung
+up and every line is back. The RSS growth is the least-squares slope of RSS over time across
+the samples taken after the first ``--warmup-min`` minutes of calls (the first calls load the
+models' arenas and warm the allocator, which is not a leak), divided by ``--limit`` (the calls
+running at once): MB per minute per call. ``--samples FILE`` writes every sample as JSON.
 """
 
 from __future__ import annotations
@@ -59,6 +66,37 @@ def proc_status(pid: int) -> tuple[float, int]:
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
     return rss_kb / 1024, threads
+
+
+def slope_per_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(seconds, value)`` points, per minute."""
+    if len(points) < 2:
+        return 0.0
+    t = np.array([p[0] for p in points]) / 60
+    v = np.array([p[1] for p in points])
+    return float(np.polyfit(t, v, 1)[0])
+
+
+def write_samples(
+    path: str,
+    rss0: float,
+    threads0: int,
+    rss1: float,
+    threads1: int,
+    samples: list[tuple[float, float, int]],
+    rss2: float,
+    threads2: int,
+) -> None:
+    Path(path).write_text(
+        json.dumps(
+            {
+                "start": {"rss_mb": rss0, "threads": threads0},
+                "after_cycles": {"rss_mb": rss1, "threads": threads1},
+                "calls": [{"t_s": t, "rss_mb": r, "threads": n} for t, r, n in samples],
+                "after_calls": {"rss_mb": rss2, "threads": threads2},
+            }
+        )
+    )
 
 
 def free_port() -> int:
@@ -168,7 +206,10 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         print(f"start: RSS {rss0:.1f} MB, threads {threads0}", flush=True)
 
         t0 = time.monotonic()
+        cycle_peak = threads0
         for i in range(args.cycles):
+            if i % 10 == 0:
+                cycle_peak = max(cycle_peak, proc_status(pid)[1])
             await wait_free(http, 1, 10)
             async with connect(ws_url) as ws:
                 if i % 3:
@@ -182,7 +223,8 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         rss1, threads1 = proc_status(pid)
         print(
             f"{args.cycles} connect/disconnect cycles in {time.monotonic() - t0:.0f} s: "
-            f"RSS {rss1:.1f} MB ({rss1 - rss0:+.1f}), threads {threads1}",
+            f"RSS {rss1:.1f} MB ({rss1 - rss0:+.1f}), threads peak {cycle_peak}, "
+            f"after {threads1}",
             flush=True,
         )
 
@@ -207,11 +249,10 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
                 samples.append((time.monotonic() - start, rss, threads))
                 if time.monotonic() - start >= 60 * (minute + 1):
                     minute += 1
-                    base_rss = samples[0][1]
-                    growth = (rss - base_rss) / minute / args.limit
                     print(
-                        f"minute {minute}: RSS {rss:.1f} MB, growth {growth:+.2f} MB/min/call, "
-                        f"threads {threads}, calls {stats.calls}, answered {stats.answered}, "
+                        f"minute {minute}: RSS {rss:.1f} MB, "
+                        f"threads {threads} (peak {max(s[2] for s in samples)}), "
+                        f"calls {stats.calls}, answered {stats.answered}, "
                         f"barge-ins {stats.barge_ins}, lines free {await lines_free(http):.0f}",
                         flush=True,
                     )
@@ -220,19 +261,18 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         await wait_free(http, args.limit, 30)
         free = await lines_free(http)
         rss2, threads2 = proc_status(pid)
-        if samples:
-            # growth over the second half (the first minutes include warm-up allocations)
-            half = [s for s in samples if s[0] >= samples[-1][0] / 2]
-            span_min = max(1e-9, (half[-1][0] - half[0][0]) / 60)
-            late = (half[-1][1] - half[0][1]) / span_min / args.limit
-        else:
-            late = 0.0
+        warm = [(t, rss) for t, rss, _ in samples if t >= args.warmup_min * 60]
+        late = slope_per_min(warm) / args.limit
+        peak = max((s[2] for s in samples), default=threads1)
+        if args.samples:
+            write_samples(args.samples, rss0, threads0, rss1, threads1, samples, rss2, threads2)
         print(
             f"calls at the limit: {stats.calls} calls, {stats.answered} answered, "
             f"{stats.barge_ins} barge-ins, {stats.busy} busy answers, "
             f"{len(stats.failures)} failures "
             f"{stats.failures[:3]}; RSS {rss2:.1f} MB ({rss2 - rss1:+.1f} over the calls, "
-            f"{late:+.2f} MB/min/call over the second half), threads {threads2} "
+            f"{late:+.2f} MB/min/call after minute {args.warmup_min:g}, least squares over "
+            f"{len(warm)} samples), threads peak {peak} during the calls, {threads2} after "
             f"(start {threads0}); lines free {free:.0f}/{args.limit}",
             flush=True,
         )
@@ -244,6 +284,10 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--limit", type=int, default=2)
+    parser.add_argument(
+        "--warmup-min", type=float, default=2.0, help="minutes of calls before the RSS slope"
+    )
+    parser.add_argument("--samples", default=None, help="write every sample to this JSON file")
     parser.add_argument("--stt-model", default=None)
     parser.add_argument("--tts-voice", default=None)
     args = parser.parse_args()
