@@ -15,6 +15,11 @@ up and every line is back. The RSS growth is the least-squares slope of RSS over
 the samples taken after the first ``--warmup-min`` minutes of calls (the first calls load the
 models' arenas and warm the allocator, which is not a leak), divided by ``--limit`` (the calls
 running at once): MB per minute per call. ``--samples FILE`` writes every sample as JSON.
+
+The server runs under a small probe: on SIGUSR1 it appends to a file the number of live
+objects of each voicebot, FastRTC and aiortc class (after a full ``gc.collect()``) and its
+threads by name. The soak takes it after the cycles, at the end of the warm-up and after the
+calls, and prints the classes whose count grew and the threads left.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -38,6 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
@@ -55,6 +62,56 @@ class Stats:
     barge_ins: int = 0
     busy: int = 0
     failures: list[str] = field(default_factory=list)
+
+
+PROBE = r"""
+import collections, gc, json, re, signal, sys, threading
+
+
+def count():
+    gc.collect()
+    objects = collections.Counter()
+    for o in gc.get_objects():
+        kind = type(o)
+        module = kind.__dict__.get("__module__")
+        if isinstance(module, str) and module.split(".")[0] in ("voicebot", "fastrtc", "aiortc"):
+            objects[f"{module}.{kind.__qualname__}"] += 1
+    threads = collections.Counter(re.sub(r"\d+", "N", t.name) for t in threading.enumerate())
+    return {"objects": objects, "threads": threads}
+
+
+def dump(signum, frame):
+    try:
+        found = count()
+    except Exception as e:  # never end the server
+        found = {"objects": {}, "threads": {}, "error": repr(e)}
+    with open(PROBE_FILE, "a") as f:
+        f.write(json.dumps(found) + "\n")
+
+
+PROBE_FILE = sys.argv.pop(1)
+signal.signal(signal.SIGUSR1, dump)
+from voicebot.cli import main
+
+main()
+"""
+
+
+def probe(pid: int, path: Path) -> dict[str, dict[str, int]]:
+    """Ask the server for its live objects and threads (see ``PROBE``)."""
+    before = len(path.read_text().splitlines()) if path.exists() else 0
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(200):
+        time.sleep(0.05)
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) > before:
+            found: dict[str, dict[str, int]] = json.loads(lines[-1])
+            return found
+    return {"objects": {}, "threads": {}}
+
+
+def grown(a: dict[str, int], b: dict[str, int]) -> dict[str, str]:
+    return {k: f"{a.get(k, 0)}->{n}" for k, n in sorted(b.items()) if n > a.get(k, 0)}
 
 
 def proc_status(pid: int) -> tuple[float, int]:
@@ -227,6 +284,9 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             f"after {threads1}",
             flush=True,
         )
+        after_cycles = await asyncio.to_thread(probe, pid, args.probe_file)
+        print(f"  threads after the cycles: {after_cycles['threads']}", flush=True)
+        warm_probe: dict[str, dict[str, int]] = {}
 
         stats = Stats()
         end = time.monotonic() + args.minutes * 60
@@ -236,6 +296,13 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             while time.monotonic() < end:
                 try:
                     await Caller(ws_url).run(speech["question"], speech["barge"], stats)
+                except ConnectionClosed as e:
+                    if e.rcvd is not None and e.rcvd.code == 1013:  # busy: call again
+                        stats.busy += 1
+                        await asyncio.sleep(0.2)
+                    else:
+                        stats.failures.append(f"{type(e).__name__}: {e}")
+                        await asyncio.sleep(1)
                 except Exception as e:
                     stats.failures.append(f"{type(e).__name__}: {e}")
                     await asyncio.sleep(1)
@@ -247,6 +314,8 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
                 await asyncio.sleep(5)
                 rss, threads = proc_status(pid)
                 samples.append((time.monotonic() - start, rss, threads))
+                if not warm_probe and time.monotonic() - start >= args.warmup_min * 60:
+                    warm_probe.update(await asyncio.to_thread(probe, pid, args.probe_file))
                 if time.monotonic() - start >= 60 * (minute + 1):
                     minute += 1
                     print(
@@ -261,6 +330,7 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         await wait_free(http, args.limit, 30)
         free = await lines_free(http)
         rss2, threads2 = proc_status(pid)
+        final = await asyncio.to_thread(probe, pid, args.probe_file)
         warm = [(t, rss) for t, rss, _ in samples if t >= args.warmup_min * 60]
         late = slope_per_min(warm) / args.limit
         peak = max((s[2] for s in samples), default=threads1)
@@ -276,6 +346,12 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             f"(start {threads0}); lines free {free:.0f}/{args.limit}",
             flush=True,
         )
+        print(
+            f"  live objects grown since the warm-up: "
+            f"{grown(warm_probe.get('objects', {}), final['objects'])}",
+            flush=True,
+        )
+        print(f"  threads after the calls: {final['threads']}", flush=True)
         return 0 if free == args.limit else 1
 
 
@@ -329,6 +405,7 @@ def main() -> int:
         personas.mkdir()
         shutil.copy(ROOT / "personas" / "assistant-en.toml", personas)
         port = free_port()
+        args.probe_file = Path(tmp) / "probe.jsonl"
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VOICEBOT_")}
         env.update(
             GRADIO_ANALYTICS_ENABLED="False",
@@ -341,8 +418,9 @@ def main() -> int:
         server = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "voicebot.cli",
+                "-c",
+                PROBE,
+                str(args.probe_file),
                 "--log-level",
                 "warning",
                 "serve",
