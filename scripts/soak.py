@@ -17,9 +17,12 @@ models' arenas and warm the allocator, which is not a leak), divided by ``--limi
 running at once): MB per minute per call. ``--samples FILE`` writes every sample as JSON.
 
 The server runs under a small probe: on SIGUSR1 it appends to a file the number of live
-objects of each voicebot, FastRTC and aiortc class (after a full ``gc.collect()``) and its
-threads by name. The soak takes it after the cycles, at the end of the warm-up and after the
-calls, and prints the classes whose count grew and the threads left.
+objects of each voicebot, FastRTC and aiortc class (after a full ``gc.collect()``), Python's
+allocated blocks and its threads by name. The soak takes it after the cycles, at the end of
+the warm-up and after the calls, and prints the classes whose count grew and the threads left.
+With ``--trim``, each RSS sample is taken right after the probe ran glibc's ``malloc_trim(0)``
+(SIGUSR2): memory the allocator keeps for reuse after a burst is given back first, so the
+slope shows what stays in use.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Stats:
 
 
 PROBE = r"""
-import collections, gc, json, re, signal, sys, threading
+import collections, ctypes, gc, json, re, signal, sys, threading
 
 
 def count():
@@ -77,7 +80,12 @@ def count():
         if isinstance(module, str) and module.split(".")[0] in ("voicebot", "fastrtc", "aiortc"):
             objects[f"{module}.{kind.__qualname__}"] += 1
     threads = collections.Counter(re.sub(r"\d+", "N", t.name) for t in threading.enumerate())
-    return {"objects": objects, "threads": threads}
+    return {
+        "objects": objects,
+        "threads": threads,
+        "python_blocks": sys.getallocatedblocks(),
+        "gc_objects": len(gc.get_objects()),
+    }
 
 
 def dump(signum, frame):
@@ -89,8 +97,13 @@ def dump(signum, frame):
         f.write(json.dumps(found) + "\n")
 
 
+def trim(signum, frame):
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 PROBE_FILE = sys.argv.pop(1)
 signal.signal(signal.SIGUSR1, dump)
+signal.signal(signal.SIGUSR2, trim)
 from voicebot.cli import main
 
 main()
@@ -312,6 +325,9 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             minute = 0
             while time.monotonic() < end:
                 await asyncio.sleep(5)
+                if args.trim:
+                    os.kill(pid, signal.SIGUSR2)
+                    await asyncio.sleep(0.3)
                 rss, threads = proc_status(pid)
                 samples.append((time.monotonic() - start, rss, threads))
                 if not warm_probe and time.monotonic() - start >= args.warmup_min * 60:
@@ -352,6 +368,8 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             flush=True,
         )
         print(f"  threads after the calls: {final['threads']}", flush=True)
+        blocks = [p.get("python_blocks", 0) for p in (after_cycles, warm_probe, final)]
+        print(f"  Python allocated blocks after the cycles, the warm-up, the calls: {blocks}")
         return 0 if free == args.limit else 1
 
 
@@ -362,6 +380,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=2)
     parser.add_argument(
         "--warmup-min", type=float, default=2.0, help="minutes of calls before the RSS slope"
+    )
+    parser.add_argument(
+        "--trim", action="store_true", help="malloc_trim(0) in the server before each RSS sample"
     )
     parser.add_argument("--samples", default=None, help="write every sample to this JSON file")
     parser.add_argument("--stt-model", default=None)
