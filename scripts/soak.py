@@ -14,7 +14,9 @@ every 5 s, during the cycles and during the calls, and once more after the last 
 up and every line is back. The RSS growth is the least-squares slope of RSS over time across
 the samples taken after the first ``--warmup-min`` minutes of calls (the first calls load the
 models' arenas and warm the allocator, which is not a leak), divided by ``--limit`` (the calls
-running at once): MB per minute per call. ``--samples FILE`` writes every sample as JSON.
+running at once): MB per minute per call; and the same slope through each minute's lowest
+sample (the floor of the saw-tooth that transcriptions and syntheses in progress make).
+``--samples FILE`` writes every sample as JSON.
 
 The server runs under a small probe: on SIGUSR1 it appends to a file the number of live
 objects of each voicebot, FastRTC and aiortc class (after a full ``gc.collect()``), Python's
@@ -349,6 +351,11 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         final = await asyncio.to_thread(probe, pid, args.probe_file)
         warm = [(t, rss) for t, rss, _ in samples if t >= args.warmup_min * 60]
         late = slope_per_min(warm) / args.limit
+        floors = [
+            (minute * 60 + 30, min(rss for t, rss in warm if minute * 60 <= t < minute * 60 + 60))
+            for minute in sorted({int(t // 60) for t, _ in warm})
+        ]
+        floor = slope_per_min(floors) / args.limit
         peak = max((s[2] for s in samples), default=threads1)
         if args.samples:
             write_samples(args.samples, rss0, threads0, rss1, threads1, samples, rss2, threads2)
@@ -358,7 +365,8 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             f"{len(stats.failures)} failures "
             f"{stats.failures[:3]}; RSS {rss2:.1f} MB ({rss2 - rss1:+.1f} over the calls, "
             f"{late:+.2f} MB/min/call after minute {args.warmup_min:g}, least squares over "
-            f"{len(warm)} samples), threads peak {peak} during the calls, {threads2} after "
+            f"{len(warm)} samples; {floor:+.2f} through each minute's lowest sample), "
+            f"threads peak {peak} during the calls, {threads2} after "
             f"(start {threads0}); lines free {free:.0f}/{args.limit}",
             flush=True,
         )

@@ -27,6 +27,8 @@ class ReplyGaps:
     label: str
     heard: bool
     frames: int = 0
+    note: str = ""
+    """What the reply was (``scripts/measure_db_gaps.py`` puts the start of its text here)."""
     """Frames from its first loud frame to its last."""
     max_gap_ms: float = 0.0
     p99_gap_ms: float = 0.0
@@ -42,7 +44,7 @@ class ReplyGaps:
         return (
             f"{self.label}: {self.frames} frames, max gap {self.max_gap_ms:.0f} ms, "
             f"p99 {self.p99_gap_ms:.0f} ms, first audio {self.first_audio_s:.2f} s, "
-            f"leftover {self.leftover_frames}"
+            f"leftover {self.leftover_frames}" + (f" ({self.note})" if self.note else "")
         )
 
 
@@ -65,7 +67,6 @@ async def measured_turn(
     asked_at = time.monotonic()
     asked = len(heard.arrivals)
     leftover = sum(_loud(a) for a in heard.audio[before:asked])
-    first: int | None = None
     last: int | None = None
     deadline = asked_at + within_s
     step = np.zeros(1600, np.float32)  # 0.1 s of an open microphone
@@ -73,12 +74,22 @@ async def measured_turn(
         await client.speak(step)
         for i in range(asked if last is None else last + 1, len(heard.arrivals)):
             if _loud(heard.audio[i]):
-                first = i if first is None else first
                 last = i
         if last is not None and time.monotonic() - heard.arrivals[last] >= quiet_s:
             break
-    if first is None or last is None:
+    return reply_gaps(client, label, asked, asked_at, leftover)
+
+
+def reply_gaps(
+    client: FastRTCSocket, label: str, asked: int, asked_at: float, leftover: int = 0
+) -> ReplyGaps:
+    """The reply in the frames received from index ``asked`` on (the question ended at
+    ``asked_at``): from its first loud frame to its last."""
+    heard = client.heard
+    loud = [i for i in range(asked, len(heard.arrivals)) if _loud(heard.audio[i])]
+    if not loud:
         return ReplyGaps(label, heard=False, leftover_frames=leftover)
+    first, last = loud[0], loud[-1]
     times = np.array(heard.arrivals[first : last + 1])
     gaps = np.diff(times) * 1000 if times.size > 1 else np.zeros(1)
     return ReplyGaps(
