@@ -6,8 +6,25 @@ with barge-ins, measuring the server process's RSS and threads.
 The server runs as a subprocess with real models (whisper tiny.en and the piper joe voice from
 their PyPI wheels, unless --stt-model/--tts-voice say otherwise), the project's Ollama-protocol
 server as its LLM, and its embedded PostgreSQL. The callers speak FastRTC's websocket protocol
-on loopback. Prints one line per minute (RSS, growth per minute per call, threads, calls, lines
-held) and a summary; exits 1 when a line leaked or the server did not drain and exit 0.
+on loopback. Prints one line per minute (RSS, threads, calls, lines held) and a summary; exits 1
+when a line leaked or the server did not drain and exit 0.
+
+How the figures are taken: the server's RSS and thread count are read from ``/proc/PID/status``
+every 5 s, during the cycles and during the calls, and once more after the last call has hung
+up and every line is back. The RSS growth is the least-squares slope of RSS over time across
+the samples taken after the first ``--warmup-min`` minutes of calls (the first calls load the
+models' arenas and warm the allocator, which is not a leak), divided by ``--limit`` (the calls
+running at once): MB per minute per call; and the same slope through each minute's lowest
+sample (the floor of the saw-tooth that transcriptions and syntheses in progress make).
+``--samples FILE`` writes every sample as JSON.
+
+The server runs under a small probe: on SIGUSR1 it appends to a file the number of live
+objects of each voicebot, FastRTC and aiortc class (after a full ``gc.collect()``), Python's
+allocated blocks and its threads by name. The soak takes it after the cycles, at the end of
+the warm-up and after the calls, and prints the classes whose count grew and the threads left.
+With ``--trim``, each RSS sample is taken right after the probe ran glibc's ``malloc_trim(0)``
+(SIGUSR2): memory the allocator keeps for reuse after a burst is given back first, so the
+slope shows what stays in use.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -31,6 +49,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
@@ -50,6 +69,66 @@ class Stats:
     failures: list[str] = field(default_factory=list)
 
 
+PROBE = r"""
+import collections, ctypes, gc, json, re, signal, sys, threading
+
+
+def count():
+    gc.collect()
+    objects = collections.Counter()
+    for o in gc.get_objects():
+        kind = type(o)
+        module = kind.__dict__.get("__module__")
+        if isinstance(module, str) and module.split(".")[0] in ("voicebot", "fastrtc", "aiortc"):
+            objects[f"{module}.{kind.__qualname__}"] += 1
+    threads = collections.Counter(re.sub(r"\d+", "N", t.name) for t in threading.enumerate())
+    return {
+        "objects": objects,
+        "threads": threads,
+        "python_blocks": sys.getallocatedblocks(),
+        "gc_objects": len(gc.get_objects()),
+    }
+
+
+def dump(signum, frame):
+    try:
+        found = count()
+    except Exception as e:  # never end the server
+        found = {"objects": {}, "threads": {}, "error": repr(e)}
+    with open(PROBE_FILE, "a") as f:
+        f.write(json.dumps(found) + "\n")
+
+
+def trim(signum, frame):
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+PROBE_FILE = sys.argv.pop(1)
+signal.signal(signal.SIGUSR1, dump)
+signal.signal(signal.SIGUSR2, trim)
+from voicebot.cli import main
+
+main()
+"""
+
+
+def probe(pid: int, path: Path) -> dict[str, dict[str, int]]:
+    """Ask the server for its live objects and threads (see ``PROBE``)."""
+    before = len(path.read_text().splitlines()) if path.exists() else 0
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(200):
+        time.sleep(0.05)
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) > before:
+            found: dict[str, dict[str, int]] = json.loads(lines[-1])
+            return found
+    return {"objects": {}, "threads": {}}
+
+
+def grown(a: dict[str, int], b: dict[str, int]) -> dict[str, str]:
+    return {k: f"{a.get(k, 0)}->{n}" for k, n in sorted(b.items()) if n > a.get(k, 0)}
+
+
 def proc_status(pid: int) -> tuple[float, int]:
     """RSS in MB and thread count of ``pid``."""
     rss_kb, threads = 0, 0
@@ -59,6 +138,37 @@ def proc_status(pid: int) -> tuple[float, int]:
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
     return rss_kb / 1024, threads
+
+
+def slope_per_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(seconds, value)`` points, per minute."""
+    if len(points) < 2:
+        return 0.0
+    t = np.array([p[0] for p in points]) / 60
+    v = np.array([p[1] for p in points])
+    return float(np.polyfit(t, v, 1)[0])
+
+
+def write_samples(
+    path: str,
+    rss0: float,
+    threads0: int,
+    rss1: float,
+    threads1: int,
+    samples: list[tuple[float, float, int]],
+    rss2: float,
+    threads2: int,
+) -> None:
+    Path(path).write_text(
+        json.dumps(
+            {
+                "start": {"rss_mb": rss0, "threads": threads0},
+                "after_cycles": {"rss_mb": rss1, "threads": threads1},
+                "calls": [{"t_s": t, "rss_mb": r, "threads": n} for t, r, n in samples],
+                "after_calls": {"rss_mb": rss2, "threads": threads2},
+            }
+        )
+    )
 
 
 def free_port() -> int:
@@ -168,7 +278,10 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         print(f"start: RSS {rss0:.1f} MB, threads {threads0}", flush=True)
 
         t0 = time.monotonic()
+        cycle_peak = threads0
         for i in range(args.cycles):
+            if i % 10 == 0:
+                cycle_peak = max(cycle_peak, proc_status(pid)[1])
             await wait_free(http, 1, 10)
             async with connect(ws_url) as ws:
                 if i % 3:
@@ -182,9 +295,13 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         rss1, threads1 = proc_status(pid)
         print(
             f"{args.cycles} connect/disconnect cycles in {time.monotonic() - t0:.0f} s: "
-            f"RSS {rss1:.1f} MB ({rss1 - rss0:+.1f}), threads {threads1}",
+            f"RSS {rss1:.1f} MB ({rss1 - rss0:+.1f}), threads peak {cycle_peak}, "
+            f"after {threads1}",
             flush=True,
         )
+        after_cycles = await asyncio.to_thread(probe, pid, args.probe_file)
+        print(f"  threads after the cycles: {after_cycles['threads']}", flush=True)
+        warm_probe: dict[str, dict[str, int]] = {}
 
         stats = Stats()
         end = time.monotonic() + args.minutes * 60
@@ -194,6 +311,13 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             while time.monotonic() < end:
                 try:
                     await Caller(ws_url).run(speech["question"], speech["barge"], stats)
+                except ConnectionClosed as e:
+                    if e.rcvd is not None and e.rcvd.code == 1013:  # busy: call again
+                        stats.busy += 1
+                        await asyncio.sleep(0.2)
+                    else:
+                        stats.failures.append(f"{type(e).__name__}: {e}")
+                        await asyncio.sleep(1)
                 except Exception as e:
                     stats.failures.append(f"{type(e).__name__}: {e}")
                     await asyncio.sleep(1)
@@ -203,15 +327,19 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
             minute = 0
             while time.monotonic() < end:
                 await asyncio.sleep(5)
+                if args.trim:
+                    os.kill(pid, signal.SIGUSR2)
+                    await asyncio.sleep(0.3)
                 rss, threads = proc_status(pid)
                 samples.append((time.monotonic() - start, rss, threads))
+                if not warm_probe and time.monotonic() - start >= args.warmup_min * 60:
+                    warm_probe.update(await asyncio.to_thread(probe, pid, args.probe_file))
                 if time.monotonic() - start >= 60 * (minute + 1):
                     minute += 1
-                    base_rss = samples[0][1]
-                    growth = (rss - base_rss) / minute / args.limit
                     print(
-                        f"minute {minute}: RSS {rss:.1f} MB, growth {growth:+.2f} MB/min/call, "
-                        f"threads {threads}, calls {stats.calls}, answered {stats.answered}, "
+                        f"minute {minute}: RSS {rss:.1f} MB, "
+                        f"threads {threads} (peak {max(s[2] for s in samples)}), "
+                        f"calls {stats.calls}, answered {stats.answered}, "
                         f"barge-ins {stats.barge_ins}, lines free {await lines_free(http):.0f}",
                         flush=True,
                     )
@@ -220,22 +348,36 @@ async def soak(args: argparse.Namespace, base: str, pid: int, speech: dict[str, 
         await wait_free(http, args.limit, 30)
         free = await lines_free(http)
         rss2, threads2 = proc_status(pid)
-        if samples:
-            # growth over the second half (the first minutes include warm-up allocations)
-            half = [s for s in samples if s[0] >= samples[-1][0] / 2]
-            span_min = max(1e-9, (half[-1][0] - half[0][0]) / 60)
-            late = (half[-1][1] - half[0][1]) / span_min / args.limit
-        else:
-            late = 0.0
+        final = await asyncio.to_thread(probe, pid, args.probe_file)
+        warm = [(t, rss) for t, rss, _ in samples if t >= args.warmup_min * 60]
+        late = slope_per_min(warm) / args.limit
+        floors = [
+            (minute * 60 + 30, min(rss for t, rss in warm if minute * 60 <= t < minute * 60 + 60))
+            for minute in sorted({int(t // 60) for t, _ in warm})
+        ]
+        floor = slope_per_min(floors) / args.limit
+        peak = max((s[2] for s in samples), default=threads1)
+        if args.samples:
+            write_samples(args.samples, rss0, threads0, rss1, threads1, samples, rss2, threads2)
         print(
             f"calls at the limit: {stats.calls} calls, {stats.answered} answered, "
             f"{stats.barge_ins} barge-ins, {stats.busy} busy answers, "
             f"{len(stats.failures)} failures "
             f"{stats.failures[:3]}; RSS {rss2:.1f} MB ({rss2 - rss1:+.1f} over the calls, "
-            f"{late:+.2f} MB/min/call over the second half), threads {threads2} "
+            f"{late:+.2f} MB/min/call after minute {args.warmup_min:g}, least squares over "
+            f"{len(warm)} samples; {floor:+.2f} through each minute's lowest sample), "
+            f"threads peak {peak} during the calls, {threads2} after "
             f"(start {threads0}); lines free {free:.0f}/{args.limit}",
             flush=True,
         )
+        print(
+            f"  live objects grown since the warm-up: "
+            f"{grown(warm_probe.get('objects', {}), final['objects'])}",
+            flush=True,
+        )
+        print(f"  threads after the calls: {final['threads']}", flush=True)
+        blocks = [p.get("python_blocks", 0) for p in (after_cycles, warm_probe, final)]
+        print(f"  Python allocated blocks after the cycles, the warm-up, the calls: {blocks}")
         return 0 if free == args.limit else 1
 
 
@@ -244,6 +386,13 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--limit", type=int, default=2)
+    parser.add_argument(
+        "--warmup-min", type=float, default=2.0, help="minutes of calls before the RSS slope"
+    )
+    parser.add_argument(
+        "--trim", action="store_true", help="malloc_trim(0) in the server before each RSS sample"
+    )
+    parser.add_argument("--samples", default=None, help="write every sample to this JSON file")
     parser.add_argument("--stt-model", default=None)
     parser.add_argument("--tts-voice", default=None)
     args = parser.parse_args()
@@ -285,6 +434,7 @@ def main() -> int:
         personas.mkdir()
         shutil.copy(ROOT / "personas" / "assistant-en.toml", personas)
         port = free_port()
+        args.probe_file = Path(tmp) / "probe.jsonl"
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VOICEBOT_")}
         env.update(
             GRADIO_ANALYTICS_ENABLED="False",
@@ -297,8 +447,9 @@ def main() -> int:
         server = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "voicebot.cli",
+                "-c",
+                PROBE,
+                str(args.probe_file),
                 "--log-level",
                 "warning",
                 "serve",

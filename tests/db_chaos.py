@@ -1,10 +1,15 @@
-"""Faults between voicebot and PostgreSQL, for tests: a loopback TCP proxy that delays bytes."""
+"""Faults between voicebot and PostgreSQL, for tests and ``scripts/measure_db_gaps.py``: a
+loopback TCP proxy that delays bytes or stops forwarding them, and a PostgreSQL server's
+processes frozen (SIGSTOP) or killed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from psycopg import conninfo
@@ -19,8 +24,10 @@ def socket_path(dsn: str) -> Path:
 class DelayProxy:
     """127.0.0.1:<port> → a PostgreSQL unix socket, every chunk held ``delay_s`` each way.
 
-    ``dsn`` connects through it. Runs its own event loop in a thread; ``close()`` drops every
-    connection (as a network cut would).
+    ``dsn`` connects through it. ``delay_s`` may change at any time; ``stall()`` stops
+    forwarding (connections stay open, bytes wait, as behind a hung network or server) until
+    ``resume()``. Runs its own event loop in a thread; ``close()`` drops every connection (as a
+    network cut would).
     """
 
     def __init__(self, target_dsn: str, delay_s: float) -> None:
@@ -30,8 +37,17 @@ class DelayProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.port = 0
+
+    def stall(self) -> None:
+        """Stop forwarding: every byte either way waits until ``resume()``."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     @property
     def dsn(self) -> str:
@@ -64,6 +80,7 @@ class DelayProxy:
         try:
             while data := await reader.read(65536):
                 await asyncio.sleep(self.delay_s)
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -90,3 +107,37 @@ class DelayProxy:
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    """The postmaster of the server whose data directory is ``data_dir``."""
+    return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+def server_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (backends, checkpointer, WAL writer …)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+def signal_server(postmaster: int, signum: int) -> None:
+    """Send ``signum`` to every process of a server (SIGSTOP freezes it whole: stopping only
+    the postmaster leaves the backends answering their open connections)."""
+    for pid in server_processes(postmaster):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+@contextlib.contextmanager
+def frozen_server(postmaster: int) -> Iterator[None]:
+    """Every process of the server stopped (SIGSTOP) inside, continued (SIGCONT) after."""
+    signal_server(postmaster, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_server(postmaster, signal.SIGCONT)

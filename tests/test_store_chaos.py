@@ -19,7 +19,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import psycopg
 
 from tests import conftest as _conftest
@@ -118,6 +120,7 @@ def test_latency_injected_between_store_and_server(pg_dsn: str, tmp_path: Path) 
 _FULL_DISK_WRITER = """
 import json, logging, resource, sys, uuid
 from pathlib import Path
+from typing import Any
 from voicebot.conversation import Conversation, Turn
 from voicebot.store import PostgresTurnStore
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -161,6 +164,7 @@ def test_spool_on_a_full_filesystem_counts_the_loss(pg_dsn: str, tmp_path: Path)
 _REPLAYER = """
 import json, sys, time
 from pathlib import Path
+from typing import Any
 from voicebot.store import PostgresTurnStore
 dsn, spool, go = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 time.sleep(max(0.0, go - time.time()))  # start together
@@ -276,3 +280,75 @@ def test_lost_turns_reach_the_metric(tmp_path: Path, caplog) -> None:
     errors = [r for r in caplog.records if "cannot write the spool" in r.getMessage()]
     # once when the losses start, and at most once more when the store closes with the total
     assert 1 <= len(errors) <= 2
+
+
+def test_a_stalled_database_leaves_no_gap_in_the_reply_audio(pg_dsn: str, tmp_path: Path) -> None:
+    """A call on FastRTC's websocket (the real served app and audio path, fakes at the model
+    seams) whose turn log (store, feed, readiness) goes through a proxy. One turn with the
+    database healthy, then the proxy stops forwarding (a hung database: connections open,
+    nothing answers) for two turns: the first one's record waits on the database while the
+    second reply plays. The largest gap between reply frames as the caller receives them stays
+    within 200 ms of the healthy reply's largest (same run), every reply is heard, and once
+    the database answers again every turn is stored."""
+    import asyncio
+    import dataclasses
+
+    from fastapi import FastAPI
+
+    from tests import fakes
+    from tests.audio_gaps import measured_turn
+    from tests.support_served import FastRTCSocket, served_runtime
+    from tests.test_telephony import LiveServer, backend_of
+    from voicebot.server import mount
+    from voicebot.settings import Settings
+
+    question = np.concatenate([fakes.tone(0.6), fakes.silence(0.7)])
+    with DelayProxy(pg_dsn, delay_s=0.0) as proxy:
+        store = PostgresTurnStore(
+            proxy.dsn, tmp_path / "spool.jsonl", connect_timeout_s=1.0, retry_max_s=0.5
+        ).start()
+        base = served_runtime()
+        runtime = dataclasses.replace(
+            base,
+            store=store,
+            stacks={
+                name: dataclasses.replace(stack, synthesizer=fakes.ToneSynthesizer(0.015))
+                for name, stack in base.stacks.items()
+            },
+        )
+        app = FastAPI()
+        mount(
+            app,
+            "",
+            settings=Settings(data_dir=tmp_path, concurrency_limit=2),
+            backend=backend_of(runtime, proxy.dsn),
+        )
+
+        async def call() -> tuple[list[Any], list[Any]]:
+            client = await FastRTCSocket(f"{live.ws}/websocket/offer").open()
+            await client.start()
+            await client.speak(fakes.silence(1.0))  # the greeting
+            healthy = [await measured_turn(client, question, "healthy", quiet_s=0.6)]
+            proxy.stall()
+            try:
+                stalled = [
+                    await measured_turn(client, question, f"stalled {i}", quiet_s=0.6)
+                    for i in (1, 2)
+                ]
+            finally:
+                proxy.resume()
+            await client.stop()
+            await client.close()
+            return healthy, stalled
+
+        try:
+            with LiveServer(app) as live:
+                healthy, stalled = asyncio.run(asyncio.wait_for(call(), 60))
+            assert store.flush(20)
+        finally:
+            store.close(5)
+    print("\n" + "\n".join(r.line() for r in healthy + stalled) + f"\nstore {store.stats}")
+    assert all(r.heard and r.leftover_frames == 0 for r in healthy + stalled)
+    bound = max(r.max_gap_ms for r in healthy) + 200
+    assert max(r.max_gap_ms for r in stalled) <= bound
+    assert store.stats["lost"] == 0

@@ -10,6 +10,7 @@ Both stream: ``synthesize`` yields audio sentence by sentence so playback can st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -34,6 +36,7 @@ __all__ = [
     "PiperSynthesizer",
     "Synthesizer",
     "VoiceBank",
+    "cancel_scope",
     "resolve_piper_voice",
 ]
 
@@ -59,6 +62,41 @@ class Synthesizer(Protocol):
         Raises ``StageError("tts", ...)`` when the backend fails.
         """
         ...
+
+
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("voicebot_tts_cancel", default=None)
+_CANCEL_POLL_S = 0.1
+
+
+@contextlib.contextmanager
+def cancel_scope(cancel: threading.Event) -> Iterator[None]:
+    """Within it (on this thread), a synthesis waiting for its voice gives up once ``cancel``
+    is set: its ``synthesize`` ends without yielding more.
+
+    A voice synthesizes one sentence at a time for every call; without this, a call that
+    ended while its greeting waited for the voice still had it synthesized, and a burst of
+    short calls left hundreds of threads queued on the voice ahead of the live calls.
+    """
+    token = _CANCEL.set(cancel)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def _take_voice(lock: threading.Lock) -> bool:
+    """Acquire ``lock``; False (not held) when the synthesis was cancelled meanwhile."""
+    cancel = _CANCEL.get()
+    if cancel is None:
+        lock.acquire()
+        return True
+    while not lock.acquire(timeout=_CANCEL_POLL_S):
+        if cancel.is_set():
+            return False
+    if cancel.is_set():
+        lock.release()
+        return False
+    return True
 
 
 def _speakable(text: str) -> bool:
@@ -167,11 +205,14 @@ class PiperSynthesizer:
             return
         pieces = iter(self._voice.synthesize(text, syn_config=self._config))
         while True:
+            if not _take_voice(self._lock):
+                return  # cancelled while another call had the voice
             try:
-                with self._lock:
-                    chunk = next(pieces, None)
+                chunk = next(pieces, None)
             except Exception as e:
                 raise StageError("tts", f"{self.name} failed on {text[:60]!r}: {e}") from e
+            finally:
+                self._lock.release()
             if chunk is None:
                 return
             samples = np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
@@ -369,13 +410,14 @@ class KokoroJaSynthesizer:
             if cached is not None:
                 yield cached
                 continue
+            if not _take_voice(_KOKORO_LOCK):
+                return  # cancelled while another call had the voice
             try:
-                with _KOKORO_LOCK:
-                    audio, rate = self._kokoro.synthesize(
-                        phrase, voice=self.voice, speed=self.speed
-                    )
+                audio, rate = self._kokoro.synthesize(phrase, voice=self.voice, speed=self.speed)
             except Exception as e:
                 raise StageError("tts", f"{self.name} failed on {sentence[:60]!r}: {e}") from e
+            finally:
+                _KOKORO_LOCK.release()
             samples = np.asarray(audio, dtype=np.float32).reshape(-1)
             if samples.size:
                 piece: MonoAudio = (int(rate), np.concatenate([samples, self._pause]))

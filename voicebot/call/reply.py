@@ -48,6 +48,7 @@ from voicebot.runtime import PersonaStack
 from voicebot.tools.loop import ReplyEvent, ToolFinished, ToolLoop, ToolStarted
 from voicebot.tools.registry import Toolset
 from voicebot.tools.speech import speakable
+from voicebot.tts import cancel_scope
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +247,15 @@ class ReplyStages:
 
         def synthesize() -> None:
             try:
-                while True:
-                    try:
-                        item = pending.get()
-                    except Closed:
-                        return
-                    if item is not None and not reply.cancelled:
-                        self._synthesize(reply, stack, *item)
+                # A cancel also reaches a synthesis still waiting for the shared voice.
+                with cancel_scope(reply.cancel_event):
+                    while True:
+                        try:
+                            item = pending.get()
+                        except Closed:
+                            return
+                        if item is not None and not reply.cancelled:
+                            self._synthesize(reply, stack, *item)
             finally:
                 self._post(ReplyProduced(reply.id))
 
