@@ -298,6 +298,11 @@ class Call:
     def state(self) -> str:
         return self._policy.state if self._policy is not None else "listening"
 
+    @property
+    def wasted_llm_requests(self) -> int:
+        """Preemptive replies dropped after their LLM request was sent (the user went on)."""
+        return self._policy.wasted_llm_requests if self._policy is not None else 0
+
     # ------------------------------------------------------------------ inside
 
     def _post(self, event: CallEvent) -> None:
