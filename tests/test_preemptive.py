@@ -20,6 +20,7 @@ from voicebot.call.clock import VirtualClock
 from voicebot.call.session import Call
 from voicebot.call.status import CallStatus
 from voicebot.llm import OllamaChat, make_client
+from voicebot.metrics import Metrics
 from voicebot.ollama_server import (
     ConversationScript,
     OllamaProtocolServer,
@@ -41,6 +42,7 @@ def _call(
     transcriber: fakes.FakeTranscriber | None = None,
     synthesizer: fakes.ToneSynthesizer | None = None,
     end_silence_ms: int = 320,
+    observer: Metrics | None = None,
 ) -> tuple[SimulationResult, Call]:
     clock = VirtualClock()
     config = TurnConfig(end_silence_ms=end_silence_ms, preemptive_replies=preemptive)
@@ -51,7 +53,7 @@ def _call(
         synthesizer=synthesizer,
         config=config,
     )
-    call = Call(rt, channel="simulate", greet=False, clock=clock)
+    call = Call(rt, channel="simulate", greet=False, clock=clock, observer=observer)
     result = simulate_call(rt, (16000, audio), clock=clock, call=call)
     return result, call
 
@@ -106,6 +108,7 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
     chat = fakes.FakeChat(reply=f"First sentence here. {words}.", token_s=0.02)
     transcriber = fakes.FakeTranscriber(["I would like", "I would like a table for two"])
     synthesizer = fakes.ToneSynthesizer()
+    metrics = Metrics()
     result, call = _call(
         preemptive=True,
         audio=audio,
@@ -113,6 +116,7 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
         transcriber=transcriber,
         synthesizer=synthesizer,
         end_silence_ms=640,
+        observer=metrics,
     )
     # The preemptive request answered the first words; it was closed mid-stream.
     assert len(chat.requests) == 2
@@ -120,6 +124,9 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
     assert chat.requests[1][-1].content == "I would like a table for two"
     assert chat.sent_per_request[0] < 42, chat.sent_per_request  # closed before its end
     assert call.wasted_llm_requests == 1
+    assert 'voicebot_llm_requests_wasted_total{channel="simulate"} 1.0' in (
+        metrics.render().decode()
+    )
     # Its audio was synthesized but never played: nothing before the real speech end.
     rate, reply = result.reply_audio
     first_out = np.flatnonzero(np.abs(reply) > 0.01)[0] / rate
@@ -233,6 +240,9 @@ def test_a_preemptive_reply_never_runs_a_tool_before_its_turn_is_confirmed(
     # the speech end), although the preemptive reply asked for it ~0.2 s after it.
     [looked_up] = book.lookups
     assert looked_up - start[0] >= speech_end_s + 1.5 - 0.05
+    # Nor was anything heard before then (the long wait for an unfinished sentence holds).
+    rate, reply = result.reply_audio
+    assert np.flatnonzero(np.abs(reply) > 0.01)[0] / rate >= speech_end_s + 1.5 - 0.05
     assert call.wasted_llm_requests == (1 if goes_on else 0)
 
 
