@@ -75,6 +75,7 @@ def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> 
         assert turn.assistant_text == chat.reply and not turn.interrupted
         assert len(chat.requests) == 1  # asked once, preemptive or not
         assert call.wasted_llm_requests == 0
+        assert call.preemptive_played == int(preemptive)
         t = turn.timings
         assert t.endpoint_ms == pytest.approx(320, abs=25)
         assert t.v2v_ms is not None and t.v2v_ms >= t.endpoint_ms  # never before the close
@@ -124,6 +125,7 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
     assert chat.requests[1][-1].content == "I would like a table for two"
     assert chat.sent_per_request[0] < 42, chat.sent_per_request  # closed before its end
     assert call.wasted_llm_requests == 1
+    assert call.preemptive_played == 1  # the last pause's reply answered the turn
     assert 'voicebot_llm_requests_wasted_total{channel="simulate"} 1.0' in (
         metrics.render().decode()
     )
@@ -167,6 +169,7 @@ def test_a_new_pause_replaces_the_preemptive_reply_and_off_means_off() -> None:
         assert turn.user_text == "one two three"
         assert len(chat.requests) == requests
         assert call.wasted_llm_requests == wasted
+        assert call.preemptive_played == int(preemptive)
         # The history the next request would see: one user message.
         assert [m.content for m in chat.requests[-1] if m.role == "user"] == ["one two three"]
 
@@ -259,6 +262,7 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
             variant="" if preemptive in (True, None) else "preemptive off",
             turns=0 if pipeline == "baseline" else 1,
             wasted_llm_requests=wasted,
+            preemptive_played=int(bool(preemptive)),
         )
 
     rows = [
@@ -278,5 +282,5 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
     assert (off.preemptive, off.calls, off.wasted_llm_per_turn) == (False, 2, 0.0)
     assert off.v2v.p50 == pytest.approx(950.0)
     table = format_table(report)
-    assert "wasted LLM requests per turn 0.50" in table
+    assert "wasted LLM requests per turn 0.50  played preemptively 2/2 turns" in table
     assert len(json.loads(report.to_json())["preemption"]) == 2

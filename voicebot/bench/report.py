@@ -78,6 +78,9 @@ class PreemptionSummary:
     v2v: Percentiles
     wasted_llm_per_turn: float | None
     """LLM requests of dropped preemptive replies per answered turn."""
+    turns: int = 0
+    preemptive_played: int = 0
+    """Turns answered by their preemptive reply."""
 
 
 @dataclass
@@ -251,6 +254,8 @@ def preemption(measurements: Sequence[Measurement]) -> list[PreemptionSummary]:
                 percentiles([m.endpoint_ms for m in rows]),
                 percentiles([m.v2v_ms for m in rows]),
                 round(wasted / turns, 3) if turns else None,
+                turns,
+                sum(m.preemptive_played for m in rows),
             )
         )
     return summaries
@@ -319,7 +324,7 @@ def format_table(report: BenchReport) -> str:
                 f" endpoint {_fmt(p.endpoint.p50):>5} {_fmt(p.endpoint.p95):>5}"
                 f"  v2v {_fmt(p.v2v.p50):>5} {_fmt(p.v2v.p95):>5}"
                 f"  wasted LLM requests per turn {_fmt(p.wasted_llm_per_turn, 2)}"
-                f" ({p.calls} calls)"
+                f"  played preemptively {p.preemptive_played}/{p.turns} turns"
             )
         lines.append("")
     if report.sessions:

@@ -101,6 +101,8 @@ class Measurement:
     """Turns the call answered."""
     wasted_llm_requests: int = 0
     """Preemptive replies dropped after their LLM request was sent."""
+    preemptive_played: int = 0
+    """Turns answered by their preemptive reply (its transcript was in when the turn ended)."""
     notes: list[str] = field(default_factory=list)
 
     def value(self, metric: str) -> float | None:
@@ -233,6 +235,7 @@ def run_one(
         m.preemptive = ours.call.runtime.turn_config.preemptive_replies
         m.variant = variant
         m.wasted_llm_requests = ours.call.wasted_llm_requests
+        m.preemptive_played = ours.call.preemptive_played
         m.turns = sum(1 for t in ours.completed_turns if t.user_text)
     speech_end_t = trace.wall_time(ref.speech_end - 1)
     cutoff = math.inf

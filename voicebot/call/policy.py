@@ -116,6 +116,8 @@ class CallPolicy:
         self._preemptive: _Preemptive | None = None
         self.wasted_llm_requests = 0
         """Preemptive replies whose LLM request was sent and which were then dropped."""
+        self.preemptive_played = 0
+        """Turns answered by their preemptive reply."""
         self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
         self._user_speaking = False
         self._closing_message: str | None = None
@@ -567,6 +569,7 @@ class CallPolicy:
         reply.speech_end_t, reply.closed_t, reply.user_audio = speech_end_t, closed_t, audio
         self.record.number(turn)
         self._reply = reply
+        self.preemptive_played += 1
         reply.confirm()
         self._playout.release(reply.id)
         logger.debug("turn confirmed: the preemptive reply plays")

@@ -15,6 +15,10 @@ playing), the persona's filler is spoken if it takes longer than ~0.7 s, and the
 on with the result. ``cancel`` reaches the tool too: it is told through its context, so a
 booking not yet committed rolls back. Tool activity goes to the policy as ``ToolRunning`` /
 ``ToolDone`` events; it lands in the turn (``Turn.tool_calls``).
+
+A preemptive reply (``held``, started before its turn is confirmed) synthesizes only its first
+chunk ahead and stops at a tool call until ``confirm``: its audio is held by the playout, and
+``cancel`` drops it without a tool having run.
 """
 
 from __future__ import annotations

@@ -303,6 +303,11 @@ class Call:
         """Preemptive replies dropped after their LLM request was sent (the user went on)."""
         return self._policy.wasted_llm_requests if self._policy is not None else 0
 
+    @property
+    def preemptive_played(self) -> int:
+        """Turns answered by the reply prepared at their last pause."""
+        return self._policy.preemptive_played if self._policy is not None else 0
+
     # ------------------------------------------------------------------ inside
 
     def _post(self, event: CallEvent) -> None:
