@@ -394,10 +394,13 @@ def run_interleaved(
     }
     results: list[Measurement] = []
     for repeat in range(repeats):
-        for item in items:
+        for index, item in enumerate(items):
             setup = setups[item.language]
+            # Every other item the other way round, so that no variant always runs right
+            # after the baseline (whose reply threads may still be finishing).
+            ordered = variants if index % 2 == 0 else variants[::-1]
             for pipeline in PIPELINES:
-                for setting, variant in variants if pipeline == "ours" else [(None, "")]:
+                for setting, variant in ordered if pipeline == "ours" else [(None, "")]:
                     m = run_one(
                         pipeline,
                         setup,
