@@ -65,6 +65,7 @@ def _states(result: SimulationResult) -> list[str]:
 def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> None:
     audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
     v2v: dict[bool, float] = {}
+    head_start_ms = 0.0
     for preemptive in (False, True):
         # LLM first token 250 ms: the turn closes 320 ms after speech, the early transcript
         # is in at ~180 ms, so a preemptive reply has ~140 ms of the LLM done at the close.
@@ -76,6 +77,7 @@ def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> 
         assert len(chat.requests) == 1  # asked once, preemptive or not
         assert call.wasted_llm_requests == 0
         assert call.preemptive_played == int(preemptive)
+        head_start_ms += call.preemptive_head_start_ms
         t = turn.timings
         assert t.endpoint_ms == pytest.approx(320, abs=25)
         assert t.v2v_ms is not None and t.v2v_ms >= t.endpoint_ms  # never before the close
@@ -94,8 +96,10 @@ def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> 
         assert first_out >= 1.2 + 0.3
         [final] = [u for u in result.updates if u.final]
         assert final.turn.sequence == 1
-    # What the preemptive reply saves: the part of STT + LLM done during the wait.
-    assert v2v[True] < v2v[False] - 100, v2v
+    # What the preemptive reply saves: the part of the LLM done during the wait, its head
+    # start (the early transcript is in ~180 ms after the speech end, the turn closes at 320).
+    assert head_start_ms == pytest.approx(140, abs=30)
+    assert v2v[False] - v2v[True] == pytest.approx(head_start_ms, abs=30), v2v
 
 
 def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
@@ -263,6 +267,7 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
             turns=0 if pipeline == "baseline" else 1,
             wasted_llm_requests=wasted,
             preemptive_played=int(bool(preemptive)),
+            preemptive_head_start_ms=300.0 if preemptive else None,
         )
 
     rows = [
@@ -283,4 +288,5 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
     assert off.v2v.p50 == pytest.approx(950.0)
     table = format_table(report)
     assert "wasted LLM requests per turn 0.50  played preemptively 2/2 turns" in table
+    assert "head start p50 300 ms" in table
     assert len(json.loads(report.to_json())["preemption"]) == 2

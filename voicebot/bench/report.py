@@ -81,6 +81,8 @@ class PreemptionSummary:
     turns: int = 0
     preemptive_played: int = 0
     """Turns answered by their preemptive reply."""
+    head_start: Percentiles | None = None
+    """Over the calls with such turns: how long the LLM had been asked at the close."""
 
 
 @dataclass
@@ -256,6 +258,7 @@ def preemption(measurements: Sequence[Measurement]) -> list[PreemptionSummary]:
                 round(wasted / turns, 3) if turns else None,
                 turns,
                 sum(m.preemptive_played for m in rows),
+                percentiles([m.preemptive_head_start_ms for m in rows]),
             )
         )
     return summaries
@@ -325,6 +328,11 @@ def format_table(report: BenchReport) -> str:
                 f"  v2v {_fmt(p.v2v.p50):>5} {_fmt(p.v2v.p95):>5}"
                 f"  wasted LLM requests per turn {_fmt(p.wasted_llm_per_turn, 2)}"
                 f"  played preemptively {p.preemptive_played}/{p.turns} turns"
+                + (
+                    f", head start p50 {_fmt(p.head_start.p50)} ms"
+                    if p.head_start is not None and p.head_start.p50 is not None
+                    else ""
+                )
             )
         lines.append("")
     if report.sessions:

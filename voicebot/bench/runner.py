@@ -103,6 +103,8 @@ class Measurement:
     """Preemptive replies dropped after their LLM request was sent."""
     preemptive_played: int = 0
     """Turns answered by their preemptive reply (its transcript was in when the turn ended)."""
+    preemptive_head_start_ms: float | None = None
+    """Mean over those turns: how long their LLM had been asked when the turn closed."""
     notes: list[str] = field(default_factory=list)
 
     def value(self, metric: str) -> float | None:
@@ -236,6 +238,9 @@ def run_one(
         m.variant = variant
         m.wasted_llm_requests = ours.call.wasted_llm_requests
         m.preemptive_played = ours.call.preemptive_played
+        if m.preemptive_played:
+            head_start = ours.call.preemptive_head_start_ms / m.preemptive_played
+            m.preemptive_head_start_ms = round(head_start, 1)
         m.turns = sum(1 for t in ours.completed_turns if t.user_text)
     speech_end_t = trace.wall_time(ref.speech_end - 1)
     cutoff = math.inf

@@ -73,8 +73,8 @@ class _Preemptive:
     carry_samples: int
     """Audio of an earlier turn carried into this one when it started."""
     history_len: int
-    answered: bool = False
-    """Its LLM request was sent (a drop wastes it)."""
+    answered_at: float | None = None
+    """When its LLM request was sent (a drop then wastes it)."""
 
 
 class CallPolicy:
@@ -118,6 +118,9 @@ class CallPolicy:
         """Preemptive replies whose LLM request was sent and which were then dropped."""
         self.preemptive_played = 0
         """Turns answered by their preemptive reply."""
+        self.preemptive_head_start_ms = 0.0
+        """Summed over those turns: how long their LLM had been asked when the turn closed
+        (what the reply had done that a reply started at the close would still have to do)."""
         self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
         self._user_speaking = False
         self._closing_message: str | None = None
@@ -519,7 +522,7 @@ class CallPolicy:
     def _answer_preemptive(self, transcript: Transcribed) -> None:
         """The early transcript is in: ask the LLM, held back until the turn is confirmed."""
         pre = self._preemptive
-        if pre is None or pre.request != transcript.request or pre.answered:
+        if pre is None or pre.request != transcript.request or pre.answered_at is not None:
             return
         text = transcript.text.strip()
         if transcript.error is not None or not text:
@@ -535,7 +538,7 @@ class CallPolicy:
             text,
             persona.history_turns * 2,
         )
-        pre.answered = True
+        pre.answered_at = self._clock.now()
         self._stages.answer(reply, self._stack, messages)
 
     def _promote_preemptive(
@@ -549,7 +552,7 @@ class CallPolicy:
             return False
         same = (
             not judged
-            and pre.answered
+            and pre.answered_at is not None
             and pre.speech_end_sample == event.speech_end_sample
             and audio.size - event.audio.size == pre.carry_samples
             and pre.history_len == len(self.record.history)
@@ -570,6 +573,8 @@ class CallPolicy:
         self.record.number(turn)
         self._reply = reply
         self.preemptive_played += 1
+        assert pre.answered_at is not None
+        self.preemptive_head_start_ms += max(0.0, closed_t - pre.answered_at) * 1000
         reply.confirm()
         self._playout.release(reply.id)
         logger.debug("turn confirmed: the preemptive reply plays")
@@ -587,7 +592,7 @@ class CallPolicy:
         reply.cancel()
         self._playout.clear(reply.id)
         self._forget(reply)
-        if pre.answered:
+        if pre.answered_at is not None:
             self.wasted_llm_requests += 1
             self.record.llm_request_wasted()
         logger.debug("preemptive reply dropped (%s)", why)

@@ -308,6 +308,11 @@ class Call:
         """Turns answered by the reply prepared at their last pause."""
         return self._policy.preemptive_played if self._policy is not None else 0
 
+    @property
+    def preemptive_head_start_ms(self) -> float:
+        """Summed over those turns: how long their LLM had been asked when the turn closed."""
+        return self._policy.preemptive_head_start_ms if self._policy is not None else 0.0
+
     # ------------------------------------------------------------------ inside
 
     def _post(self, event: CallEvent) -> None:
