@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
+import typer
 
 from tests import fakes
 from tests.fakes import silence, tone
@@ -19,6 +20,7 @@ from voicebot.bench.runner import Measurement
 from voicebot.call.clock import VirtualClock
 from voicebot.call.session import Call
 from voicebot.call.status import CallStatus
+from voicebot.cli import _on_off_list
 from voicebot.llm import OllamaChat, make_client
 from voicebot.metrics import Metrics
 from voicebot.ollama_server import (
@@ -290,3 +292,12 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
     assert "wasted LLM requests per turn 0.50  played preemptively 2/2 turns" in table
     assert "head start p50 300 ms" in table
     assert len(json.loads(report.to_json())["preemption"]) == 2
+
+
+def test_bench_preemptive_option_takes_on_off_or_both() -> None:
+    assert _on_off_list("on,off") == (True, False)
+    assert _on_off_list(" OFF ") == (False,)
+    assert _on_off_list("") == ()
+    for bad in ("yes", "on,on", "on;off"):
+        with pytest.raises(typer.BadParameter, match="expected on, off or on,off"):
+            _on_off_list(bad)
