@@ -38,6 +38,7 @@ def turn_config(settings: Settings) -> TurnConfig:
         max_utterance_s=settings.max_utterance_s,
         bargein_min_speech_ms=settings.bargein_min_speech_ms,
         backchannel_max_ms=settings.backchannel_max_ms,
+        preemptive_replies=settings.preemptive_replies,
         complete_silence_ms=settings.complete_silence_ms,
         incomplete_silence_ms=settings.incomplete_silence_ms,
         turn_end_threshold=settings.turn_end_threshold,

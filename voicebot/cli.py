@@ -459,6 +459,14 @@ def bench(
     stt_model_ja: Annotated[
         str | None, typer.Option("--stt-model-ja", help="Multilingual whisper for Japanese.")
     ] = None,
+    preemptive: Annotated[
+        str,
+        typer.Option(
+            "--preemptive",
+            help="Ours with preemptive replies on, off, or both (on,off: the first is the "
+            "main run, the other reported apart). Default: the settings'.",
+        ),
+    ] = "",
 ) -> None:
     """Voice-to-voice latency of voicebot next to the FastRTC cookbook pipeline."""
     from voicebot.bench.main import DEFAULT_CORPUS, BenchOptions, run_bench
@@ -466,8 +474,9 @@ def bench(
 
     def progress(m: Any) -> None:
         v2v = "-" if m.v2v_ms is None else f"{m.v2v_ms:.0f} ms"
+        label = f"{m.pipeline} ({m.variant})" if m.variant else m.pipeline
         typer.echo(
-            f"  {m.pipeline:<8} {m.item:<6} N={m.sessions} v2v {v2v}"
+            f"  {label:<8} {m.item:<6} N={m.sessions} v2v {v2v}"
             + (f"  ({'; '.join(m.notes)})" if m.notes else ""),
             err=True,
         )
@@ -484,6 +493,7 @@ def bench(
         stt_model=options.stt_model,
         stt_model_ja=stt_model_ja,
         tts_voice=options.tts_voice,
+        preemptive=_on_off_list(preemptive),
     )
     try:
         report = run_bench(bench_options, make_settings(device=options.device), progress=progress)
@@ -495,6 +505,18 @@ def bench(
         json_out.write_text(report.to_json(), encoding="utf-8")
     if plot_out is not None:
         plot(report, plot_out)
+
+
+def _on_off_list(value: str) -> tuple[bool, ...]:
+    """ "on,off" → (True, False); a bad word is a usage error."""
+    words = [w.strip().lower() for w in value.split(",") if w.strip()]
+    settings = {"on": True, "off": False}
+    bad = [w for w in words if w not in settings]
+    if bad or len(set(words)) != len(words):
+        raise typer.BadParameter(
+            f"expected on, off or on,off; got {value!r}", param_hint="--preemptive"
+        )
+    return tuple(settings[w] for w in words)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ unauthorized, bad_signature), ``lines_free`` and ``lines_limit`` (gauges: lines 
 take now, 0 while draining; for autoscaling), ``draining`` (gauge, 1 while draining),
 ``turns_total``, ``stage_latency_seconds``
 (histogram by stage: endpoint, stt, llm_ttft, tts_first, v2v, bargein_stop) and
-``stage_errors_total`` (by stage, from the turn's error), ``turns_lost_total`` (turns the turn
+``stage_errors_total`` (by stage, from the turn's error), ``llm_requests_wasted_total`` (by
+channel: preemptive replies dropped because the user went on), ``turns_lost_total`` (turns the turn
 log could neither store nor spool, read from the store at scrape time).
 """
 
@@ -79,11 +80,18 @@ class Metrics:
         self.stage_errors = Counter(
             "voicebot_stage_errors", "Turns where a stage failed.", ["stage"], registry=r
         )
+        self.llm_requests_wasted = Counter(
+            "voicebot_llm_requests_wasted",
+            "LLM requests of preemptive replies dropped because the user went on.",
+            ["channel"],
+            registry=r,
+        )
         self._turns_lost = _TurnsLost()
         r.register(self._turns_lost)
         for channel in CHANNELS:  # present (at 0) from the start, so dashboards see them
             self.calls_total.labels(channel)
             self.turns_total.labels(channel)
+            self.llm_requests_wasted.labels(channel)
 
     def track_active(self, channel: Channel, count: Callable[[], float]) -> None:
         """Read the number of active calls on ``channel`` from ``count`` at scrape time."""
@@ -127,6 +135,10 @@ class Metrics:
             stage = turn.error.split(":", 1)[0].strip()
             known = stage in {"stt", "llm", "tts", "store"}
             self.stage_errors.labels(stage if known else "other").inc()
+
+    def llm_request_wasted(self, channel: Channel) -> None:
+        """The ``CallObserver`` hook: a preemptive reply's LLM request was dropped."""
+        self.llm_requests_wasted.labels(channel).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything above."""

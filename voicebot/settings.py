@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     """With the turn-end model: probability from which a turn counts as finished
     [VOICEBOT_TURN_END_THRESHOLD]."""
 
+    preemptive_replies: bool = True
+    """Start the reply (STT → LLM → TTS) at the first pause, before the turn is confirmed, and
+    hold its audio: it plays at once when the turn ends at that pause and is dropped (LLM
+    stream closed, counted as a wasted request) when the user goes on
+    [VOICEBOT_PREEMPTIVE_REPLIES]."""
+
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel (aizuchi) that does not stop
     the agent; 0 = every barge-in stops it [VOICEBOT_BACKCHANNEL_MAX_MS]."""

@@ -49,6 +49,9 @@ class TurnConfig:
     bargein_min_speech_ms: int = 160
     speculative_silence_ms: int = 128
     """Silence after which the turn is offered for early transcription (0 = never)."""
+    preemptive_replies: bool = True
+    """At an end candidate, start answering (STT → LLM → TTS) with the audio held back; the
+    reply plays at once if the turn then ends there, and is dropped if the user goes on."""
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel: the agent pauses instead of
     stopping, and resumes if it was one (0 = every barge-in stops the agent)."""
@@ -96,6 +99,14 @@ class EndCandidate:
 
 
 @dataclass(frozen=True)
+class SpeechResumed:
+    """Speech came back after an ``EndCandidate``: that pause did not end the turn."""
+
+    speech_end_sample: int
+    """The speech end of the withdrawn candidate."""
+
+
+@dataclass(frozen=True)
 class UserTurn:
     """A finished user utterance at 16 kHz."""
 
@@ -111,7 +122,7 @@ class UserTurn:
     """The turn-end model's answer at the last pause (None: no model, or it failed)."""
 
 
-TurnEvent = SpeechStarted | BargeIn | EndCandidate | UserTurn
+TurnEvent = SpeechStarted | BargeIn | EndCandidate | SpeechResumed | UserTurn
 
 
 class TurnDetector:
@@ -222,6 +233,7 @@ class TurnDetector:
         self._windows.append(window)
         voiced = probability >= (config.release_threshold if self._started else config.threshold)
         if voiced:
+            withdrawn = self._last_voiced_end if self._candidate_sent else None
             self._voiced_run += 1
             self._voiced_total += 1
             self._silence_run = 0
@@ -231,6 +243,8 @@ class TurnDetector:
             event = self._maybe_started(agent_speaking)
             if event is None and len(self._windows) >= self._max_windows and self._started:
                 return self._close(truncated=True)
+            if event is None and withdrawn is not None:
+                return SpeechResumed(withdrawn)
             return event
 
         self._voiced_run = 0

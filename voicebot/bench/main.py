@@ -50,6 +50,9 @@ class BenchOptions:
     stt_model_ja: str | None = None
     tts_voice: str | None = None
     personas: dict[str, str] = field(default_factory=lambda: dict(PERSONAS))
+    preemptive: Sequence[bool] = ()
+    """Ours with preemptive replies on/off, each for every item (the first is the main run);
+    empty: as the settings say."""
 
 
 def _setup(language: str, options: BenchOptions, settings: Settings, host: str) -> LanguageSetup:
@@ -114,6 +117,7 @@ def run_bench(
             repeats=options.repeats,
             interrupt_after_s=options.interrupt_after_s,
             progress=progress,
+            preemptive=options.preemptive,
         )
         scaling: list[Measurement] = []
         if options.sessions > 1:

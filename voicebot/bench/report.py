@@ -68,6 +68,24 @@ class SessionLevel:
 
 
 @dataclass
+class PreemptionSummary:
+    """Ours with preemptive replies on or off, on one language."""
+
+    language: str
+    preemptive: bool
+    calls: int
+    endpoint: Percentiles
+    v2v: Percentiles
+    wasted_llm_per_turn: float | None
+    """LLM requests of dropped preemptive replies per answered turn."""
+    turns: int = 0
+    preemptive_played: int = 0
+    """Turns answered by their preemptive reply."""
+    head_start: Percentiles | None = None
+    """Over the calls with such turns: how long the LLM had been asked at the close."""
+
+
+@dataclass
 class Target:
     """A figure the issue asks for, and whether this run reached it."""
 
@@ -89,6 +107,7 @@ class BenchReport:
     targets: list[Target]
     measurements: list[Measurement] = field(default_factory=list)
     session_measurements: list[Measurement] = field(default_factory=list)
+    preemption: list[PreemptionSummary] = field(default_factory=list)
 
     def summary(self, pipeline: str, language: str) -> PipelineSummary | None:
         """The summary of one pipeline on one language."""
@@ -133,6 +152,8 @@ def summarize(
     config: dict[str, Any] | None = None,
 ) -> BenchReport:
     """Percentiles, error rates, ratios, session scaling and targets from the measurements."""
+    everything = measurements
+    measurements = [m for m in measurements if not m.variant]  # the main run
     languages = sorted({m.language for m in measurements})
     summaries: list[PipelineSummary] = []
     ratios: list[Ratio] = []
@@ -208,11 +229,39 @@ def summarize(
         ratios=ratios,
         sessions=levels,
         targets=[],
-        measurements=list(measurements),
+        measurements=list(everything),
         session_measurements=list(sessions),
+        preemption=preemption(everything),
     )
     report.targets = targets(report)
     return report
+
+
+def preemption(measurements: Sequence[Measurement]) -> list[PreemptionSummary]:
+    """Ours per language and preemptive setting: endpoint, v2v, wasted LLM requests."""
+    summaries: list[PreemptionSummary] = []
+    keys = sorted(
+        {(m.language, m.preemptive) for m in measurements if m.preemptive is not None},
+        key=lambda k: (k[0], not k[1]),
+    )
+    for language, setting in keys:
+        rows = [m for m in measurements if m.language == language and m.preemptive is setting]
+        turns = sum(m.turns for m in rows)
+        wasted = sum(m.wasted_llm_requests for m in rows)
+        summaries.append(
+            PreemptionSummary(
+                language,
+                bool(setting),
+                len(rows),
+                percentiles([m.endpoint_ms for m in rows]),
+                percentiles([m.v2v_ms for m in rows]),
+                round(wasted / turns, 3) if turns else None,
+                turns,
+                sum(m.preemptive_played for m in rows),
+                percentiles([m.preemptive_head_start_ms for m in rows]),
+            )
+        )
+    return summaries
 
 
 def targets(report: BenchReport) -> list[Target]:
@@ -269,6 +318,22 @@ def format_table(report: BenchReport) -> str:
             f"  {kind:<18}{_fmt(ours.error_rate and ours.error_rate * 100, 1) + '%':>10}{'':>8}"
             f"{_fmt(base.error_rate and base.error_rate * 100, 1) + '%':>10}"
         )
+        lines.append("")
+    if len({(p.language, p.preemptive) for p in report.preemption}) > len(languages):
+        lines.append("preemptive replies (ours): endpoint / v2v p50 p95 ms, wasted LLM requests")
+        for p in report.preemption:
+            lines.append(
+                f"  [{p.language}] {'on' if p.preemptive else 'off':<4}"
+                f" endpoint {_fmt(p.endpoint.p50):>5} {_fmt(p.endpoint.p95):>5}"
+                f"  v2v {_fmt(p.v2v.p50):>5} {_fmt(p.v2v.p95):>5}"
+                f"  wasted LLM requests per turn {_fmt(p.wasted_llm_per_turn, 2)}"
+                f"  played preemptively {p.preemptive_played}/{p.turns} turns"
+                + (
+                    f", head start p50 {_fmt(p.head_start.p50)} ms"
+                    if p.head_start is not None and p.head_start.p50 is not None
+                    else ""
+                )
+            )
         lines.append("")
     if report.sessions:
         lines.append("sessions: v2v p50/p95 ms (worst input lag ms)")

@@ -18,6 +18,7 @@ output played at playback pace). Definitions, identical for both pipelines:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -92,6 +93,18 @@ class Measurement:
     reference_tokens: int = 0
     feed_lag_ms: float = 0.0
     """Worst lateness of an input frame: above a frame or two the machine is saturated."""
+    preemptive: bool | None = None
+    """Ours: whether preemptive replies were on (None: the baseline)."""
+    variant: str = ""
+    """Ours run with a setting other than the main one ("preemptive off"): reported apart."""
+    turns: int = 0
+    """Turns the call answered."""
+    wasted_llm_requests: int = 0
+    """Preemptive replies dropped after their LLM request was sent."""
+    preemptive_played: int = 0
+    """Turns answered by their preemptive reply (its transcript was in when the turn ended)."""
+    preemptive_head_start_ms: float | None = None
+    """Mean over those turns: how long their LLM had been asked when the turn closed."""
     notes: list[str] = field(default_factory=list)
 
     def value(self, metric: str) -> float | None:
@@ -156,8 +169,11 @@ def run_one(
     interrupt: bool = True,
     interrupt_after_s: float = 1.0,
     max_tail_s: float = 15.0,
+    preemptive: bool | None = None,
+    variant: str = "",
 ) -> Measurement:
-    """Drive one simulated call through ``pipeline`` and measure it."""
+    """Drive one simulated call through ``pipeline`` and measure it; ``preemptive``: ours
+    with preemptive replies on or off (None: as the runtime is set)."""
     interruption = None
     if interrupt and item.barge_in is not None:
         interruption = Interruption(item.barge_in, interrupt_after_s)
@@ -192,8 +208,12 @@ def run_one(
     handler: DrivenHandler
     call = None
     if pipeline == "ours":
+        runtime = setup.runtime
+        if preemptive is not None:
+            config = dataclasses.replace(runtime.turn_config, preemptive_replies=preemptive)
+            runtime = dataclasses.replace(runtime, turn_config=config)
         handler = ours = VoiceHandler(
-            setup.runtime, channel="simulate", persona=setup.persona, greet=False
+            runtime, channel="simulate", persona=setup.persona, greet=False
         )
     else:
         call = cookbook_call(setup.stack, pause_model)
@@ -213,6 +233,15 @@ def run_one(
             call.close()
     m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
     m.feed_lag_ms = _feed_lag_ms(trace)
+    if ours is not None:
+        m.preemptive = ours.call.runtime.turn_config.preemptive_replies
+        m.variant = variant
+        m.wasted_llm_requests = ours.call.wasted_llm_requests
+        m.preemptive_played = ours.call.preemptive_played
+        if m.preemptive_played:
+            head_start = ours.call.preemptive_head_start_ms / m.preemptive_played
+            m.preemptive_head_start_ms = round(head_start, 1)
+        m.turns = sum(1 for t in ours.completed_turns if t.user_text)
     speech_end_t = trace.wall_time(ref.speech_end - 1)
     cutoff = math.inf
     if trace.interruption_start_sample is not None:
@@ -348,8 +377,17 @@ def run_interleaved(
     repeats: int,
     interrupt_after_s: float = 1.0,
     progress: Callable[[Measurement], None] | None = None,
+    preemptive: Sequence[bool] = (),
 ) -> list[Measurement]:
-    """Each item through ours then the baseline (A B A B ...), ``repeats`` times over."""
+    """Each item through ours then the baseline (A B A B ...), ``repeats`` times over.
+
+    ``preemptive``: ours with preemptive replies on/off, each in turn for every item; the
+    first is the main run (compared with the baseline), the others are reported apart
+    (empty: as the runtime is set)."""
+    variants: list[tuple[bool | None, str]] = [
+        (p, "" if i == 0 else f"preemptive {'on' if p else 'off'}")
+        for i, p in enumerate(preemptive)
+    ] or [(None, "")]
     pause_models = {lang: SileroV6PauseModel(s.runtime.vad) for lang, s in setups.items()}
     for model in pause_models.values():
         model.warmup()
@@ -361,21 +399,27 @@ def run_interleaved(
     }
     results: list[Measurement] = []
     for repeat in range(repeats):
-        for item in items:
+        for index, item in enumerate(items):
             setup = setups[item.language]
+            # Every other item the other way round, so that no variant always runs right
+            # after the baseline (whose reply threads may still be finishing).
+            ordered = variants if index % 2 == 0 else variants[::-1]
             for pipeline in PIPELINES:
-                m = run_one(
-                    pipeline,
-                    setup,
-                    pause_models[item.language],
-                    item,
-                    refs[item.name],
-                    repeat=repeat,
-                    interrupt_after_s=interrupt_after_s,
-                )
-                results.append(m)
-                if progress is not None:
-                    progress(m)
+                for setting, variant in ordered if pipeline == "ours" else [(None, "")]:
+                    m = run_one(
+                        pipeline,
+                        setup,
+                        pause_models[item.language],
+                        item,
+                        refs[item.name],
+                        repeat=repeat,
+                        interrupt_after_s=interrupt_after_s,
+                        preemptive=setting,
+                        variant=variant,
+                    )
+                    results.append(m)
+                    if progress is not None:
+                        progress(m)
     return results
 
 

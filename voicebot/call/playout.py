@@ -60,6 +60,7 @@ class Playout:
         self._heard: dict[int, list[ChunkHeard]] = {}
         self._dropped: set[int] = set()  # cleared replies: their late audio is refused
         self._queued: dict[int, int] = {}  # frames waiting, per reply
+        self._held: dict[int, list[_Frame]] = {}  # held replies' frames, not yet playable
         self._paused = False
         self._t0: float | None = None
         self._count = 0
@@ -73,13 +74,17 @@ class Playout:
             if reply in self._dropped:
                 return False
             heard = self._chunk(reply, chunk)
+            held = self._held.get(reply)
             for start in range(0, samples.size, FRAME_SAMPLES):
                 piece = samples[start : start + FRAME_SAMPLES]
                 if piece.size < FRAME_SAMPLES:
                     piece = np.pad(piece, (0, FRAME_SAMPLES - piece.size))
+                heard.pushed += piece.size
+                if held is not None:
+                    held.append(_Frame(reply, chunk, piece))
+                    continue
                 self._frames.append(_Frame(reply, chunk, piece))
                 self._queued[reply] = self._queued.get(reply, 0) + 1
-                heard.pushed += piece.size
             self._lock.notify_all()
         return True
 
@@ -95,6 +100,27 @@ class Playout:
         return chunks[chunk]
 
     # -- the policy
+
+    def hold(self, reply: int) -> None:
+        """Keep the audio of ``reply`` back (a preemptive reply) until ``release``: it is
+        neither handed out nor counted as queued."""
+        with self._lock:
+            self._held.setdefault(reply, [])
+
+    def release(self, reply: int) -> None:
+        """Queue what ``reply`` holds (behind anything already queued); its later audio
+        queues as it comes."""
+        with self._lock:
+            frames = self._held.pop(reply, None)
+            if frames:
+                self._frames.extend(frames)
+                self._queued[reply] = self._queued.get(reply, 0) + len(frames)
+                self._lock.notify_all()
+
+    def held(self, reply: int) -> int:
+        """Frames ``reply`` holds back."""
+        with self._lock:
+            return len(self._held.get(reply, ()))
 
     def pause(self) -> float | None:
         """Hand out nothing until ``resume``; returns when the last frame was handed out."""
@@ -113,10 +139,14 @@ class Playout:
         with self._lock:
             if reply is None:
                 self._dropped.update(self._heard)
+                self._dropped.update(self._held)
                 self._frames.clear()
                 self._queued.clear()
+                self._held.clear()
             else:
                 self._dropped.add(reply)
+                if self._held.pop(reply, None) is not None:
+                    return  # it never played: a pause is another reply's
                 self._frames = deque(f for f in self._frames if f.reply != reply)
                 self._queued.pop(reply, None)
             self._paused = False

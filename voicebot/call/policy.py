@@ -43,10 +43,10 @@ from voicebot.call.record import CallObserver, CallSetup, ConversationRecord
 from voicebot.call.reply import Reply, ReplyStages
 from voicebot.call.status import CallState, CallStatus
 from voicebot.call.transcription import TranscriptionWorker
-from voicebot.conversation import Timings, Turn
+from voicebot.conversation import Timings, Turn, utc_now
 from voicebot.errors import StageError
 from voicebot.llm import build_messages
-from voicebot.turns import BargeIn, EndCandidate, SpeechStarted, UserTurn
+from voicebot.turns import BargeIn, EndCandidate, SpeechResumed, SpeechStarted, UserTurn
 from voicebot.vad import VAD_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,21 @@ class _Overlap:
     turn: UserTurn
     closed_t: float
     duration_s: float
+
+
+@dataclass
+class _Preemptive:
+    """A reply started at an end candidate, its audio held until the turn is confirmed."""
+
+    reply: Reply
+    speech_end_sample: int
+    request: int
+    """The early transcription it answers."""
+    carry_samples: int
+    """Audio of an earlier turn carried into this one when it started."""
+    history_len: int
+    answered_at: float | None = None
+    """When its LLM request was sent (a drop then wastes it)."""
 
 
 class CallPolicy:
@@ -98,6 +113,14 @@ class CallPolicy:
         self._speculative: tuple[int, int] | None = None  # (speech end sample, request)
         self._early: dict[int, Transcribed] = {}  # speculative results not yet used
         self._overlap: _Overlap | None = None
+        self._preemptive: _Preemptive | None = None
+        self.wasted_llm_requests = 0
+        """Preemptive replies whose LLM request was sent and which were then dropped."""
+        self.preemptive_played = 0
+        """Turns answered by their preemptive reply."""
+        self.preemptive_head_start_ms = 0.0
+        """Summed over those turns: how long their LLM had been asked when the turn closed
+        (what the reply had done that a reply started at the close would still have to do)."""
         self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
         self._user_speaking = False
         self._closing_message: str | None = None
@@ -131,6 +154,7 @@ class CallPolicy:
         self.ended = True
         self.closing = True
         self._overlap = None
+        self._drop_preemptive("the call ended")
         for reply in list(self._replies.values()):
             if not reply.finished:
                 reply.cancel()
@@ -143,7 +167,12 @@ class CallPolicy:
 
     def idle(self) -> bool:
         """No reply in flight and no overlap being judged."""
-        return self._reply is None and self._overlap is None and not self._paused
+        return (
+            self._reply is None
+            and self._overlap is None
+            and not self._paused
+            and self._preemptive is None
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -196,6 +225,8 @@ class CallPolicy:
                 self._on_barge_in(turn_event)
             elif isinstance(turn_event, EndCandidate):
                 self._on_end_candidate(turn_event)
+            elif isinstance(turn_event, SpeechResumed):
+                self._drop_preemptive("the user went on")
             elif isinstance(turn_event, UserTurn):
                 announced, self._announced = self._announced, False
                 if not announced:
@@ -255,12 +286,14 @@ class CallPolicy:
     def _on_end_candidate(self, event: EndCandidate) -> None:
         """A pause that may end the turn: transcribe it early (replacing an earlier early
         pass), unless a decision is waiting for the transcriber."""
+        self._drop_preemptive("a later pause")
         if self._stt_busy_for_a_decision():
             return
         audio = self._with_carry(event.audio)
         request = self._stt.request(audio, self._stack.transcriber, self._stack.persona.language)
         self._speculative = (event.speech_end_sample, request)
         self._early.clear()
+        self._start_preemptive(event, audio, request)
 
     def _on_barge_in(self, event: BargeIn) -> None:
         """Silence the agent at once; stop it for good unless this may be a backchannel."""
@@ -369,6 +402,7 @@ class CallPolicy:
             self._answer(reply, event)
         elif self._speculative is not None and self._speculative[1] == event.request:
             self._early[event.request] = event  # for the turn this pause may close
+            self._answer_preemptive(event)
         else:
             logger.debug("dropping a superseded transcription")
 
@@ -401,6 +435,8 @@ class CallPolicy:
             previous.cancel()
             self._playout.clear(previous.id)
             self._finalize(previous, interrupted=True)
+        if self._promote_preemptive(event, audio, speech_end_t, closed_t, judged):
+            return
         stack = self._stack
         turn = Turn(
             conversation_id=self._setup.conversation_id,
@@ -453,6 +489,114 @@ class CallPolicy:
         )
         self._stages.answer(reply, self._stack, messages)
 
+    # ------------------------------------------------------------------ preemptive replies
+
+    def _start_preemptive(self, event: EndCandidate, audio: Samples, request: int) -> None:
+        """At the first pause, prepare the answer with its audio held back: it is started
+        when the early transcription comes, and plays at once if the turn ends at this pause.
+        At most one per call; only when the agent is silent and nothing is being judged."""
+        if not self._config.preemptive_replies or self.closing:
+            return
+        if self._reply is not None or self._paused or self._overlap is not None:
+            return
+        stack = self._stack
+        turn = Turn(
+            conversation_id=self._setup.conversation_id,
+            sequence=0,  # numbered when the turn is confirmed
+            user_text="",
+            stt_model=stack.transcriber.name,
+            llm_model=stack.chat.name,
+            tts_model=stack.synthesizer.name,
+        )
+        reply = self._new_reply(turn, audio=audio, held=True)
+        self._playout.hold(reply.id)
+        carry = self._carry_audio
+        self._preemptive = _Preemptive(
+            reply,
+            event.speech_end_sample,
+            request,
+            carry_samples=0 if carry is None else carry.size,
+            history_len=len(self.record.history),
+        )
+
+    def _answer_preemptive(self, transcript: Transcribed) -> None:
+        """The early transcript is in: ask the LLM, held back until the turn is confirmed."""
+        pre = self._preemptive
+        if pre is None or pre.request != transcript.request or pre.answered_at is not None:
+            return
+        text = transcript.text.strip()
+        if transcript.error is not None or not text:
+            self._drop_preemptive("nothing to answer")  # the confirmed turn deals with it
+            return
+        reply = pre.reply
+        assert reply.turn is not None
+        reply.turn.user_text = text
+        persona = self._stack.persona
+        messages = build_messages(
+            persona.system_prompt_at(self._setup.runtime.wall_clock()),
+            self.record.history,
+            text,
+            persona.history_turns * 2,
+        )
+        pre.answered_at = self._clock.now()
+        self._stages.answer(reply, self._stack, messages)
+
+    def _promote_preemptive(
+        self, event: UserTurn, audio: Samples, speech_end_t: float, closed_t: float, judged: bool
+    ) -> bool:
+        """The turn closed: if it is the pause the preemptive reply answers (same speech end,
+        same carried audio, nothing recorded since), that reply becomes the turn's and its
+        held audio plays now. Otherwise it is dropped; False: answer the turn as usual."""
+        pre = self._preemptive
+        if pre is None:
+            return False
+        same = (
+            not judged
+            and pre.answered_at is not None
+            and pre.speech_end_sample == event.speech_end_sample
+            and audio.size - event.audio.size == pre.carry_samples
+            and pre.history_len == len(self.record.history)
+            and self._reply is None
+            and not pre.reply.cancelled
+        )
+        if not same:
+            self._drop_preemptive("the turn is not the one it answered")
+            return False
+        self._preemptive = None
+        reply = pre.reply
+        turn = reply.turn
+        assert turn is not None
+        turn.started_at = utc_now()  # a turn starts when it closes, as any other
+        turn.timings.endpoint_ms = (closed_t - speech_end_t) * 1000
+        turn.timings.stt_ms = 0.0  # transcribed while the user was still silent
+        reply.speech_end_t, reply.closed_t, reply.user_audio = speech_end_t, closed_t, audio
+        self.record.number(turn)
+        self._reply = reply
+        self.preemptive_played += 1
+        assert pre.answered_at is not None
+        self.preemptive_head_start_ms += max(0.0, closed_t - pre.answered_at) * 1000
+        reply.confirm()
+        self._playout.release(reply.id)
+        logger.debug("turn confirmed: the preemptive reply plays")
+        self._maybe_done(reply.id)  # it may have been produced with no audio at all
+        return True
+
+    def _drop_preemptive(self, why: str) -> None:
+        """Cancel the preemptive reply: LLM stream closed, TTS stopped, held audio dropped.
+        Nothing of it is recorded, captioned or kept in the history."""
+        pre = self._preemptive
+        if pre is None:
+            return
+        self._preemptive = None
+        reply = pre.reply
+        reply.cancel()
+        self._playout.clear(reply.id)
+        self._forget(reply)
+        if pre.answered_at is not None:
+            self.wasted_llm_requests += 1
+            self.record.llm_request_wasted()
+        logger.debug("preemptive reply dropped (%s)", why)
+
     # ------------------------------------------------------------------ the agent speaks
 
     def _new_reply(
@@ -462,6 +606,7 @@ class CallPolicy:
         speech_end_t: float | None = None,
         closed_t: float | None = None,
         audio: Samples | None = None,
+        held: bool = False,
     ) -> Reply:
         joiner = "" if self._stack.persona.language == "ja" else " "
         reply = Reply(
@@ -471,6 +616,7 @@ class CallPolicy:
             speech_end_t=speech_end_t,
             closed_t=closed_t,
             user_audio=audio,
+            held=held,
         )
         self._replies[reply.id] = reply
         return reply
@@ -536,6 +682,11 @@ class CallPolicy:
         reply = self._replies.get(event.reply)
         if reply is None:
             return
+        if reply.held:
+            # Not confirmed: nobody heard it. The turn, if it comes, is answered afresh.
+            if self._preemptive is not None and self._preemptive.reply is reply:
+                self._drop_preemptive(f"its {event.stage} stage failed")
+            return
         if reply.turn is not None and reply.turn.error is None:
             reply.turn.error = event.error
         self._error_over = self._derive_state()
@@ -553,6 +704,7 @@ class CallPolicy:
         self.closing = True
         self._overlap = None
         self._speculative = None
+        self._drop_preemptive("the call is closing")
         self._paused = False
         reply = self._reply
         if reply is not None and not reply.finished:

@@ -26,6 +26,10 @@ class CallObserver(Protocol):
 
     def turn_finished(self, turn: Turn, channel: Channel) -> None: ...
 
+    def llm_request_wasted(self, channel: Channel) -> None:
+        """A preemptive reply's LLM request was dropped: the user went on."""
+        ...
+
 
 @dataclass
 class CallSetup:
@@ -93,6 +97,14 @@ class ConversationRecord:
     def caption(self, turn: Turn, text: str) -> None:
         """What the page shows while a reply plays: the chunks started so far."""
         self._publish(TurnUpdate(_snapshot(turn, assistant_text=text), final=False))
+
+    def llm_request_wasted(self) -> None:
+        """A preemptive reply was dropped after its LLM request was sent (metrics)."""
+        if self._observer is not None:
+            try:
+                self._observer.llm_request_wasted(self._setup.channel)
+            except Exception:  # metrics must never end a call
+                logger.exception("turn observer failed")
 
     def line_heard(self, played: str, caption: Turn | None) -> None:
         """A fixed line (greeting, goodbye) was said: it joins the history, not the log."""

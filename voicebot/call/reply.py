@@ -15,6 +15,10 @@ playing), the persona's filler is spoken if it takes longer than ~0.7 s, and the
 on with the result. ``cancel`` reaches the tool too: it is told through its context, so a
 booking not yet committed rolls back. Tool activity goes to the policy as ``ToolRunning`` /
 ``ToolDone`` events; it lands in the turn (``Turn.tool_calls``).
+
+A preemptive reply (``held``, started before its turn is confirmed) synthesizes only its first
+chunk ahead and stops at a tool call until ``confirm``: its audio is held by the playout, and
+``cancel`` drops it without a tool having run.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 ReplyState = Literal["pending", "speaking", "paused", "done", "cancelled"]
 TTS_QUEUE_CHUNKS = 32
+_HOLD_POLL_S = 0.02
+"""How often a preemptive reply held at a tool call looks whether it was cancelled."""
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -80,7 +86,10 @@ class Reply:
         speech_end_t: float | None = None,
         closed_t: float | None = None,
         user_audio: Samples | None = None,
+        held: bool = False,
     ) -> None:
+        """``held``: a preemptive reply, started before its turn is confirmed: its audio is
+        held back and it stops at a tool call until ``confirm``."""
         self.id = reply_id
         self.turn = turn
         """The user turn it answers; None for a fixed line (greeting, goodbye)."""
@@ -109,10 +118,27 @@ class Reply:
         self.caption_text = ""
         """What the page shows of it so far (the chunks that have started playing)."""
         self._cancelled = threading.Event()
+        self._confirmed = threading.Event()
+        if not held:
+            self._confirmed.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def held(self) -> bool:
+        """A preemptive reply whose turn is not confirmed (yet, or ever: it was dropped)."""
+        return not self._confirmed.is_set()
+
+    def confirm(self) -> None:
+        """Its turn is confirmed: a preemptive reply may run tools (the policy releases its
+        audio)."""
+        self._confirmed.set()
+
+    def wait_confirmed(self, timeout: float) -> None:
+        """Wait (real time) up to ``timeout`` for ``confirm``."""
+        self._confirmed.wait(timeout)
 
     @property
     def finished(self) -> bool:
@@ -254,8 +280,13 @@ class ReplyStages:
                             item = pending.get()
                         except Closed:
                             return
-                        if item is not None and not reply.cancelled:
-                            self._synthesize(reply, stack, *item)
+                        if item is None or reply.cancelled:
+                            continue
+                        # Held (preemptive): only the first chunk is made ahead; the rest of
+                        # the TTS work waits for the turn, so a dropped reply wastes little CPU.
+                        if item[0] > 0 and not self._until_confirmed(reply):
+                            continue
+                        self._synthesize(reply, stack, *item)
             finally:
                 self._post(ReplyProduced(reply.id))
 
@@ -321,6 +352,8 @@ class ReplyStages:
 
         def timed(events: Iterable[ReplyEvent]) -> Iterator[ReplyEvent]:
             for event in events:
+                if isinstance(event, ToolStarted) and not self._until_confirmed(reply):
+                    return  # dropped before its turn was confirmed: the tool never runs
                 if isinstance(event, str) and timings.llm_ttft_ms is None:
                     timings.llm_ttft_ms = (clock.now() - sent) * 1000
                 yield event
@@ -346,6 +379,17 @@ class ReplyStages:
             yield stack.persona.apology
         finally:
             tool_reply.close()  # stops the model's stream and tells a running tool
+
+    def _until_confirmed(self, reply: Reply) -> bool:
+        """Hold a preemptive reply at a tool call until its turn is confirmed (a tool may
+        book or cancel something: it must never run for a turn that did not happen); False
+        once the reply was cancelled instead."""
+        while reply.held and not reply.cancelled:
+            if isinstance(self._clock, RealClock):
+                reply.wait_confirmed(_HOLD_POLL_S)  # confirm wakes it at once
+            else:
+                self._clock.sleep(_HOLD_POLL_S)  # a virtual clock must see every wait
+        return not reply.cancelled
 
     def _synthesize(self, reply: Reply, stack: PersonaStack, index: int, text: str) -> None:
         ready = self._clock.now()

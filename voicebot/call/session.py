@@ -298,6 +298,21 @@ class Call:
     def state(self) -> str:
         return self._policy.state if self._policy is not None else "listening"
 
+    @property
+    def wasted_llm_requests(self) -> int:
+        """Preemptive replies dropped after their LLM request was sent (the user went on)."""
+        return self._policy.wasted_llm_requests if self._policy is not None else 0
+
+    @property
+    def preemptive_played(self) -> int:
+        """Turns answered by the reply prepared at their last pause."""
+        return self._policy.preemptive_played if self._policy is not None else 0
+
+    @property
+    def preemptive_head_start_ms(self) -> float:
+        """Summed over those turns: how long their LLM had been asked when the turn closed."""
+        return self._policy.preemptive_head_start_ms if self._policy is not None else 0.0
+
     # ------------------------------------------------------------------ inside
 
     def _post(self, event: CallEvent) -> None:
