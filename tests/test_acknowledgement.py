@@ -10,12 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 
 from tests import fakes
 from tests.fakes import silence, tone
+from tests.test_store import make_turn, new_conversation
+from voicebot import migrations
 from voicebot.acknowledgement import TAIL_S, AcknowledgementAudio, synthesize_acknowledgement
 from voicebot.audio import MonoAudio, Samples
+from voicebot.bench.runner import Measurement, heard_at
 from voicebot.call.clock import VirtualClock
 from voicebot.call.events import CallEvent, ChunkPlaying
 from voicebot.call.playout import FRAME_SAMPLES, LEAD_IN, OUTPUT_RATE, Playout
@@ -25,7 +29,7 @@ from voicebot.errors import ConfigError, StageError
 from voicebot.personas import load_persona
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.simulate import SimulationResult, simulate_call
-from voicebot.store import InMemoryTurnStore
+from voicebot.store import InMemoryTurnStore, PostgresTurnStore
 from voicebot.turns import TurnConfig
 
 ACK = "Sure,"
@@ -329,3 +333,47 @@ def test_history_leaves_out_only_the_acknowledgement() -> None:
     assert [m.content for m in turn.history_messages()] == ["hi", "かしこまりました。"]
     turn.assistant_text = turn.acknowledgement  # interrupted during it: nothing was answered
     assert [m.content for m in turn.history_messages()] == ["hi"]
+
+
+# --- the turn log and the bench ----------------------------------------------------------------
+
+
+def test_migration_0005_stores_first_sound_and_the_acknowledgement(
+    pg_fresh_dsn: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(pg_fresh_dsn, autocommit=True) as conn:
+        assert 5 in migrations.migrate(conn)
+        columns = {
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'turns'"
+            )
+        }
+    assert {"first_sound_ms", "acknowledgement"} <= columns
+    conversation = new_conversation()
+    turn = make_turn(conversation.conversation_id, 1, assistant_text="はい、かしこまりました。")
+    turn.acknowledgement = "はい、"
+    turn.timings.first_sound_ms = 612.25
+    with PostgresTurnStore(pg_fresh_dsn, tmp_path / "spool.jsonl") as store:
+        store.open_conversation(conversation)
+        store.record(turn)
+        assert store.flush(10)
+        [back] = store.recent_turns(conversation.conversation_id, 5)
+    assert back.timings.first_sound_ms == 612.25
+    assert back.timings.v2v_ms == turn.timings.v2v_ms
+    assert back.acknowledgement == "はい、" and back.assistant_text == "はい、かしこまりました。"
+    # a resumed conversation's history leaves it out too
+    assert back.history_messages()[-1].content == "かしこまりました。"
+    assert turn_dict(back) == turn_dict(turn) | {"ended_at": turn_dict(back)["ended_at"]}
+
+
+def test_the_bench_puts_first_sound_and_v2v_on_the_players_clock() -> None:
+    acked = Measurement("ours", "ja01", "ja", 0, first_sound_ms=500.0, v2v_ms=1800.0)
+    heard_at(acked, first_audio=10.62, speech_end_t=10.0)
+    assert acked.first_sound_ms == 620.0 and acked.v2v_ms == 1920.0
+    plain = Measurement("baseline", "ja01", "ja", 0)
+    heard_at(plain, first_audio=11.5, speech_end_t=10.0)
+    assert plain.first_sound_ms == plain.v2v_ms == 1500.0
+    cut = Measurement("ours", "ja01", "ja", 0, first_sound_ms=500.0)  # the answer never played
+    heard_at(cut, first_audio=10.5, speech_end_t=10.0)
+    assert cut.first_sound_ms == 500.0 and cut.v2v_ms is None and cut.notes

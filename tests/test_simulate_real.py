@@ -50,6 +50,7 @@ RECORD_KEYS = SIMULATE_KEYS | {
     "turn_id",
     "conversation_id",
     "tool_calls",
+    "acknowledgement",
     "models",
     "started_at",
     "ended_at",
