@@ -36,6 +36,12 @@ def _variant(setup: LanguageSetup, ack: str, after_ms: int) -> LanguageSetup:
     )
 
 
+def _ready(m: Measurement) -> float | None:
+    """When the answer's first audio was ready, from the speech end (the call's own stages)."""
+    stages = (m.endpoint_ms, m.stt_ms, m.llm_first_chunk_ms, m.tts_first_ms)
+    return None if any(v is None for v in stages) else sum(v or 0.0 for v in stages)
+
+
 def _p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -81,7 +87,7 @@ def main() -> None:
                     results[name].append(m)
                     print(
                         f"{name:8s} {item.name} first sound {m.first_sound_ms} v2v {m.v2v_ms}"
-                        f" {' '.join(m.notes)}",
+                        f" answer ready {_ready(m)} {' '.join(m.notes)}",
                         flush=True,
                     )
     finally:
@@ -95,9 +101,17 @@ def main() -> None:
             for m in ms
             if m.first_sound_ms is not None and m.v2v_ms is not None and m.v2v_ms > m.first_sound_ms
         )
+        # how long the answer waited after it was ready (the playout's lead, plus the rest of
+        # an acknowledgement still playing)
+        waited = [
+            m.v2v_ms - ready
+            for m in ms
+            if m.v2v_ms is not None and (ready := _ready(m)) is not None
+        ]
         print(
             f"  {name:8s} first sound p50 {statistics.median(first):6.0f} p90 {_p(first, 0.9):6.0f}"
             f"  v2v p50 {statistics.median(v2v):6.0f} p90 {_p(v2v, 0.9):6.0f}"
+            f"  answer heard after ready p50 {statistics.median(waited):5.0f}"
             f"  acknowledged {acked}/{len(ms)}"
         )
 

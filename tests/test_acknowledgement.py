@@ -17,7 +17,12 @@ from tests import fakes
 from tests.fakes import silence, tone
 from tests.test_store import make_turn, new_conversation
 from voicebot import migrations
-from voicebot.acknowledgement import TAIL_S, AcknowledgementAudio, synthesize_acknowledgement
+from voicebot.acknowledgement import (
+    LEAD_S,
+    TAIL_S,
+    AcknowledgementAudio,
+    synthesize_acknowledgement,
+)
 from voicebot.audio import MonoAudio, Samples
 from voicebot.bench.runner import Measurement, heard_at
 from voicebot.call.clock import VirtualClock
@@ -248,7 +253,8 @@ class _Counting(fakes.ToneSynthesizer):
         if self.fail:
             raise StageError("tts", "scripted failure")
         rate, samples = next(super().synthesize(text))
-        yield rate, np.concatenate([samples, np.zeros(rate, np.float32)])  # 1 s of silence
+        silent = np.zeros(rate, np.float32)
+        yield rate, np.concatenate([silent[: rate // 2], samples, silent])  # 0.5 s, 1 s of it
 
 
 def test_acknowledgement_audio_is_made_once_trimmed_and_a_failure_logged_once(
@@ -260,7 +266,7 @@ def test_acknowledgement_audio_is_made_once_trimmed_and_a_failure_logged_once(
     assert first is not None and cache.get(ACK, synth, OUTPUT_RATE) is first
     assert synth.texts == [ACK]
     spoken = len(ACK) * synth.per_char_s
-    assert first.size / OUTPUT_RATE == pytest.approx(spoken + TAIL_S, abs=0.01)
+    assert first.size / OUTPUT_RATE == pytest.approx(LEAD_S + spoken + TAIL_S, abs=0.01)
     synth.fail = True
     with caplog.at_level(logging.INFO):
         assert cache.get("Okay,", synth, OUTPUT_RATE) is None
@@ -280,6 +286,7 @@ def test_a_real_piper_voice_says_the_acknowledgement() -> None:
     assert float(np.max(np.abs(audio))) > 0.1
     tail = audio[-int(0.05 * OUTPUT_RATE) :]
     assert float(np.max(np.abs(tail))) < 0.05  # ends on the short breath, not mid-word
+    assert float(np.max(np.abs(audio[: int(0.1 * OUTPUT_RATE)]))) > 0.02  # and starts at once
 
 
 # --- the persona file --------------------------------------------------------------------------

@@ -27,13 +27,16 @@ logger = logging.getLogger(__name__)
 TAIL_S = 0.12
 """Silence kept after the word: a short breath before the answer. Kokoro adds 0.25 s after
 every piece, which would sound like hesitation."""
+LEAD_S = 0.02
+"""Silence kept before it: it is heard the moment it is due."""
 _QUIET = 0.02
 """Below this fraction of the peak, a trailing sample counts as silence."""
 
 
 def synthesize_acknowledgement(text: str, synthesizer: Synthesizer, rate: int) -> Samples:
-    """``text`` as one piece of mono float32 audio at ``rate``, trailing silence trimmed to
-    ``TAIL_S``. Raises ``StageError`` when the synthesizer fails or says nothing."""
+    """``text`` as one piece of mono float32 audio at ``rate``, leading silence trimmed to
+    ``LEAD_S`` and trailing silence to ``TAIL_S``. Raises ``StageError`` when the synthesizer
+    fails or says nothing."""
     pieces = [
         resample(samples, piece_rate, rate) for piece_rate, samples in synthesizer.synthesize(text)
     ]
@@ -41,7 +44,8 @@ def synthesize_acknowledgement(text: str, synthesizer: Synthesizer, rate: int) -
     loud = np.flatnonzero(np.abs(audio) > _QUIET * float(np.max(np.abs(audio), initial=0.0)))
     if audio.size == 0 or loud.size == 0:
         raise StageError("tts", f"{synthesizer.name} produced no audio for the acknowledgement")
-    return audio[: min(audio.size, int(loud[-1]) + 1 + int(TAIL_S * rate))]
+    start = max(0, int(loud[0]) - int(LEAD_S * rate))
+    return audio[start : min(audio.size, int(loud[-1]) + 1 + int(TAIL_S * rate))]
 
 
 class AcknowledgementAudio:
