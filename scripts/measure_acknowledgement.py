@@ -6,7 +6,7 @@ same models, the in-process Ollama-protocol server, no interruption). Reported: 
 (speech end to the first agent audio of any kind) and v2v (to the answer's first audio) p50 /
 p90, and how many turns played the acknowledgement.
 
-    .venv/bin/python scripts/measure_acknowledgement.py --language ja --ack はい、 --after-ms 700
+    .venv/bin/python scripts/measure_acknowledgement.py --language ja --after-ms 700,1200
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--language", default="ja")
     parser.add_argument("--ack", default="はい、")
-    parser.add_argument("--after-ms", type=int, default=700)
+    parser.add_argument("--after-ms", default="700", help="One or more, comma-separated.")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--llm-profile", default="gpu-8b")
@@ -64,9 +64,9 @@ def main() -> None:
     try:
         base = _setup(args.language, BenchOptions(), Settings(), host)
         variants = {
-            "with": _variant(base, args.ack, args.after_ms),
-            "without": _variant(base, "", args.after_ms),
+            f"@{after}": _variant(base, args.ack, int(after)) for after in args.after_ms.split(",")
         }
+        variants["without"] = _variant(base, "", 700)
         vad = base.runtime.vad
         pause_model = SileroV6PauseModel(vad)
         refs = {i.name: reference(vad, base.runtime.turn_config, i) for i in items}

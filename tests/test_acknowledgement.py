@@ -123,8 +123,9 @@ def test_a_slow_answer_gets_the_acknowledgement_first_and_v2v_still_counts_the_a
     assert len(acked) == 1
     t = turn.timings
     assert t.first_sound_ms is not None and t.v2v_ms is not None
-    # due 500 ms after the speech end: the turn closed (320 ms) and was transcribed by then
-    assert 500 <= t.first_sound_ms <= 560
+    # the turn closed 320 ms after the speech end and was transcribed 50 ms later: due then
+    # plus the answer's own head start (0.3 s), which is later than the persona's 500 ms
+    assert 320 + 50 + 300 <= t.first_sound_ms <= 320 + 50 + 300 + 60
     assert t.first_sound_ms < t.v2v_ms
     # the caller heard it, so the turn says it; the LLM's history leaves it out
     assert turn.assistant_text == f"{ACK} {ANSWER}"
@@ -165,8 +166,8 @@ def test_a_barge_in_stops_the_acknowledgement(caplog: pytest.LogCaptureFixture) 
     stt = fakes.FakeTranscriber(["what time is it", "no wait, stop"])
     chat = fakes.FakeChat(reply=ANSWER, ttft_s=6.0, later_replies=["Okay."])
     rt = _runtime(clock, ack=ack, chat=chat, stt=stt, synthesizer=_QuietAck(ack, 0.15))
-    # speech end 0.6 s; the acknowledgement plays from 1.1 s; the caller cuts in at 2.5 s
-    audio = np.concatenate([tone(0.6), silence(1.9), tone(0.6), silence(8.0)])
+    # speech end 0.6 s; the acknowledgement plays from 1.27 s; the caller cuts in at 2.7 s
+    audio = np.concatenate([tone(0.6), silence(2.1), tone(0.6), silence(8.0)])
     with caplog.at_level(logging.INFO):
         result, acked = _call(rt, clock, audio)
     first, second = result.turns
@@ -179,10 +180,10 @@ def test_a_barge_in_stops_the_acknowledgement(caplog: pytest.LogCaptureFixture) 
     assert second.user_text == "no wait, stop" and second.acknowledgement == ack
     assert "barge-in (a turn of its own): agent stopped" in caplog.text
     # the rest of the first one was dropped: silence from the cut until the second turn's own
-    # (its speech ends at 3.1 s: due at 3.6 s)
+    # (its speech ends at 3.3 s: due at 3.97 s)
     loud = _loudness(result.reply_audio)
     quiet_s = np.flatnonzero((loud > 0.05) & (loud < 0.15)) * 0.02
-    assert np.any(quiet_s < 2.5) and not np.any((quiet_s > 2.5 + 0.3) & (quiet_s < 3.55))
+    assert np.any(quiet_s < 2.7) and not np.any((quiet_s > 2.7 + 0.3) & (quiet_s < 3.9))
 
 
 def test_the_acknowledgement_is_never_played_for_a_backchannel_nor_twice() -> None:
@@ -206,8 +207,8 @@ def test_a_turn_that_goes_on_after_the_acknowledgement_does_not_get_a_second_one
     stt = fakes.FakeTranscriber(["I would like", "I would like a table for four"])
     chat = fakes.FakeChat(reply=ANSWER, ttft_s=3.0)
     rt = _runtime(clock, chat=chat, stt=stt)
-    # the acknowledgement plays at 1.1-1.3 s; the caller goes on at 1.6 s, before the answer
-    audio = np.concatenate([tone(0.6), silence(1.0), tone(0.6), silence(6.0)])
+    # the acknowledgement plays at 1.27-1.56 s; the caller goes on at 1.8 s, before the answer
+    audio = np.concatenate([tone(0.6), silence(1.2), tone(0.6), silence(6.0)])
     result, acked = _call(rt, clock, audio)
     [turn] = result.turns
     assert len(acked) == 1

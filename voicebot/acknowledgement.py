@@ -3,7 +3,8 @@
 When the answer to a turn is slow, the caller hears the acknowledgement first and the answer
 right after it. How a turn uses it (``CallPolicy``): once the turn is closed and its transcript
 is in, a ``reply-N-ack`` thread waits until ``persona.acknowledge_after_ms`` after the end of
-the caller's speech and posts ``AcknowledgementDue``; the policy queues the audio before the
+the caller's speech (and at least ``ANSWER_HEAD_START_S`` after the transcript) and posts
+``AcknowledgementDue``; the policy queues the audio before the
 answer's (``Playout.push_lead_in``) only if the answer has no audio yet, the reply is still the
 one the caller waits for, nobody talks over the agent, and the turn has not had one. A
 barge-in stops it like any agent audio. It counts towards ``Timings.first_sound_ms``, never
@@ -24,6 +25,11 @@ from voicebot.tts import Synthesizer
 
 logger = logging.getLogger(__name__)
 
+ANSWER_HEAD_START_S = 0.3
+"""Never due sooner than this after the transcript is in: time for a fast answer (an LLM's
+first chunk, a cached opener) to start on its own. Measured: 「はい、」 due at the moment a late
+transcript came in played just before an answer that was ready 0.25 s later, which then
+waited for the end of it (docs/benchmarks.md)."""
 TAIL_S = 0.12
 """Silence kept after the word: a short breath before the answer. Kokoro adds 0.25 s after
 every piece, which would sound like hesitation."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voicebot.acknowledgement import ANSWER_HEAD_START_S
 from voicebot.audio import Samples
 from voicebot.backchannel import is_backchannel
 from voicebot.call.clock import Clock
@@ -621,15 +622,17 @@ class CallPolicy:
 
     def _schedule_acknowledgement(self, reply: Reply) -> None:
         """The answer has started: have the acknowledgement due ``acknowledge_after_ms``
-        after the caller's speech ended (at once if that has passed)."""
+        after the caller's speech ended, giving the answer a head start of its own."""
         persona = self._stack.persona
         if not persona.acknowledgement or reply.speech_end_t is None:
             return
         if reply.id in self._acknowledged:
             return  # the caller heard one for this turn before it merged into this one
-        self._stages.acknowledge(
-            reply, self._stack, reply.speech_end_t + persona.acknowledge_after_ms / 1000
+        due = max(
+            reply.speech_end_t + persona.acknowledge_after_ms / 1000,
+            self._clock.now() + ANSWER_HEAD_START_S,
         )
+        self._stages.acknowledge(reply, self._stack, due)
 
     def _inherit_acknowledgement(self, reply: Reply) -> None:
         if self._carry_acknowledged:
