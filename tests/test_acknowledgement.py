@@ -123,9 +123,10 @@ def test_a_slow_answer_gets_the_acknowledgement_first_and_v2v_still_counts_the_a
     assert len(acked) == 1
     t = turn.timings
     assert t.first_sound_ms is not None and t.v2v_ms is not None
-    # the turn closed 320 ms after the speech end and was transcribed 50 ms later: due then
-    # plus the answer's own head start (0.3 s), which is later than the persona's 500 ms
-    assert 320 + 50 + 300 <= t.first_sound_ms <= 320 + 50 + 300 + 60
+    # the turn closed 320 ms after the speech end with its transcript in (the early pass):
+    # due then plus the answer's own head start (0.3 s), later than the persona's 500 ms
+    assert t.stt_ms == 0
+    assert 320 + 300 <= t.first_sound_ms <= 320 + 300 + 40
     assert t.first_sound_ms < t.v2v_ms
     # the caller heard it, so the turn says it; the LLM's history leaves it out
     assert turn.assistant_text == f"{ACK} {ANSWER}"
