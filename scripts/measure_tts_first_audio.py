@@ -125,6 +125,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("en", "ja"), default=None)
     parser.add_argument("--first-mins-ja", default="1000,8")
+    parser.add_argument("--first-mins-en", default="1000,24,12")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="Kokoro: only the shipped configuration (phrase cache warmed with the openers).",
+    )
     parser.add_argument("--no-underrun", action="store_true", help="Time first chunks only.")
     args = parser.parse_args()
     if args.only != "ja":
@@ -137,7 +143,7 @@ def main() -> None:
         measure(
             "en",
             [("piper joe", piper, _no_setup)],
-            [1000, 24, 12],
+            [int(m) for m in args.first_mins_en.split(",")],
             args.repeats,
             not args.no_underrun,
         )
@@ -153,6 +159,8 @@ def main() -> None:
             ("kokoro 1 thread", plain, lambda: tune_kokoro_session(1)),
             ("kokoro + openers cache", cached, lambda: tune_kokoro_session(0)),
         ]
+        if args.cached_only:
+            variants = variants[2:]
         first_mins = [int(m) for m in args.first_mins_ja.split(",")]
         measure("ja", variants, first_mins, args.repeats, not args.no_underrun)
 

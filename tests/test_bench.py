@@ -120,6 +120,7 @@ def test_bench_tiny_corpus_end_to_end(
     assert [m.pipeline for m in report.measurements] == ["ours", "baseline"] * 2
     for m in report.measurements:
         assert m.v2v_ms is not None and m.v2v_ms > 0, m
+        assert m.first_sound_ms == m.v2v_ms, m  # no acknowledgement in assistant-en
         assert m.endpoint_ms is not None and m.stt_ms is not None, m
         assert m.llm_ttft_ms is not None and m.tts_first_ms is not None, m
         assert m.transcript, m
@@ -140,7 +141,7 @@ def test_bench_tiny_corpus_end_to_end(
     assert data["summaries"][0]["metrics"]["v2v_ms"]["p50"] is not None
     assert len(data["measurements"]) == 4
     table = format_table(report)
-    assert "voice-to-voice" in table and "barge-in stop" in table
+    assert "voice-to-voice" in table and "barge-in stop" in table and "first sound" in table
     png = tmp_path / "bench.png"
     plot(report, png)
     assert png.stat().st_size > 10_000

@@ -132,7 +132,10 @@ def test_japanese_call_transcribes_answers_and_chunks_at_japanese_boundaries(
     # whisper base hears Kokoro's 予約 as 「ようやく」 at times; the rest comes through.
     assert "お願いします" in one.user_text, one.user_text
     assert "二" in two.user_text or "2" in two.user_text
-    assert [one.assistant_text, two.assistant_text] == REPLIES
+    # the persona's 「はい、」 leads an answer that is slow on this machine
+    assert {one.acknowledgement, two.acknowledgement} <= {"", "はい、"}
+    answers = [t.assistant_text.removeprefix(t.acknowledgement) for t in (one, two)]
+    assert answers == REPLIES
 
     # What the synthesizer was given: each reply, cut only where the spec allows.
     for reply in REPLIES:

@@ -50,6 +50,7 @@ RECORD_KEYS = SIMULATE_KEYS | {
     "turn_id",
     "conversation_id",
     "tool_calls",
+    "acknowledgement",
     "models",
     "started_at",
     "ended_at",
@@ -277,7 +278,9 @@ def test_japanese_call_through_whisper_base_and_kokoro(
     print(json.dumps(turn_record(turn), ensure_ascii=False))
     assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", turn.user_text), turn.user_text
     assert "お願い" in turn.user_text, turn.user_text  # base often hears 予約 as ようやく
-    assert turn.assistant_text == reply_text
+    # the persona's 「はい、」 leads when the answer is slow on this machine
+    assert turn.acknowledgement in ("", "はい、")
+    assert turn.assistant_text == turn.acknowledgement + reply_text
     assert turn.error is None
     rate, reply = result.reply_audio
     assert _first_loud_s(reply, rate) > call.ends_s[0]

@@ -153,6 +153,8 @@ def test_conversation_detail_has_every_timing(pg_fresh_dsn: str, tmp_path: Path)
     cid = conversation.conversation_id
     turn = make_turn(cid, 1)
     turn.timings.llm_first_chunk_ms = 333.5
+    turn.timings.first_sound_ms = 512.5
+    turn.acknowledgement, turn.assistant_text = "Sure,", "Sure, answer 1"
     with PostgresTurnStore(dsn, tmp_path / "spool.jsonl") as store:
         store.open_conversation(conversation)
         store.record(turn)
@@ -161,6 +163,8 @@ def test_conversation_detail_has_every_timing(pg_fresh_dsn: str, tmp_path: Path)
         detail = http.get(f"/api/conversations/{cid}").json()
         listed = http.get("/api/conversations", params={"limit": 5}).json()
     assert detail["turns"][0]["timings"]["llm_first_chunk_ms"] == 333.5
+    assert detail["turns"][0]["timings"]["first_sound_ms"] == 512.5
+    assert detail["turns"][0]["acknowledgement"] == "Sure,"
     assert detail["turns"][0]["turn_id"] == str(turn.turn_id)
     assert [c["id"] for c in listed] == [str(cid)] and listed[0]["turns"] == 1
 

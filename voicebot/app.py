@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -235,6 +236,8 @@ def _check_llms(
 
 def _warm_up(stacks: Iterable[PersonaStack], reachable_chats: set[int] | None = None) -> None:
     """Run one tiny request through each model so the first call does not pay for loading."""
+    from voicebot.call.playout import OUTPUT_RATE
+
     tasks: dict[int, Any] = {}
     for stack in stacks:
         parts: list[Any] = [stack.transcriber, stack.synthesizer]
@@ -244,6 +247,16 @@ def _warm_up(stacks: Iterable[PersonaStack], reachable_chats: set[int] | None = 
             warm = getattr(part, "warm_up", None)
             if warm is not None:
                 tasks.setdefault(id(part), warm)
+        if stack.persona.acknowledgement:  # made once here, then every call shares it
+            tasks.setdefault(
+                id(stack.acknowledgement),
+                functools.partial(
+                    stack.acknowledgement.get,
+                    stack.persona.acknowledgement,
+                    stack.synthesizer,
+                    OUTPUT_RATE,
+                ),
+            )
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="warm-up") as pool:
         futures = [pool.submit(task) for task in tasks.values()]
         for future in futures:

@@ -33,7 +33,10 @@ class Timings:
     llm_ttft_ms: LLM request sent to first token.
     llm_first_chunk_ms: LLM request sent to the first speakable chunk (what TTS waits for).
     tts_first_ms: first speakable chunk ready to its first audio.
-    v2v_ms: end of the user's speech to the first reply audio sample out.
+    v2v_ms: end of the user's speech to the first audio of the answer out (never the
+        acknowledgement).
+    first_sound_ms: end of the user's speech to the first agent audio of any kind out: the
+        persona's acknowledgement when it played, else the answer (then equal to ``v2v_ms``).
     bargein_stop_ms: start of the interrupting speech to the last agent audio out.
     """
 
@@ -43,6 +46,7 @@ class Timings:
     llm_first_chunk_ms: float | None = None
     tts_first_ms: float | None = None
     v2v_ms: float | None = None
+    first_sound_ms: float | None = None
     bargein_stop_ms: float | None = None
 
 
@@ -98,13 +102,20 @@ class Turn:
     turn_id: uuid.UUID = field(default_factory=uuid.uuid4)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
     """The tools the model called during this turn, in order."""
+    acknowledgement: str = ""
+    """What the caller heard of the persona's acknowledgement ("Sure,"), played while the
+    answer was not ready: ``assistant_text`` starts with it (it was said), the LLM's history
+    leaves it out (the model would learn to repeat it)."""
 
     def history_messages(self) -> list[Message]:
         """The messages this turn contributes to the LLM's history window."""
         messages = [Message("user", self.user_text)] if self.user_text else []
-        if self.assistant_text:
+        answer = self.assistant_text
+        if self.acknowledgement and answer.startswith(self.acknowledgement):
+            answer = answer[len(self.acknowledgement) :].lstrip()
+        if answer:
             suffix = " [interrupted by the user]" if self.interrupted else ""
-            messages.append(Message("assistant", self.assistant_text + suffix))
+            messages.append(Message("assistant", answer + suffix))
         return messages
 
 
@@ -125,6 +136,7 @@ def turn_dict(turn: Turn) -> dict[str, Any]:
         "models": {"stt": turn.stt_model, "llm": turn.llm_model, "tts": turn.tts_model},
         "started_at": turn.started_at.isoformat(),
         "ended_at": None if turn.ended_at is None else turn.ended_at.isoformat(),
+        "acknowledgement": turn.acknowledgement,
         "tool_calls": [
             {
                 "name": c.name,

@@ -8,12 +8,23 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from voicebot.errors import ConfigError
 from voicebot.reservations.rules import WEEKDAYS, RestaurantRules
 
 _WEEKDAYS_JA = ("月", "火", "水", "木", "金", "土", "日")
+MAX_ACKNOWLEDGEMENT_CHARS = 24
+DEFAULT_ACKNOWLEDGE_AFTER_MS = 700
+MIN_ACKNOWLEDGE_AFTER_MS = 100
+MAX_ACKNOWLEDGE_AFTER_MS = 5000
 
 
 class Sampling(BaseModel):
@@ -67,6 +78,44 @@ class Persona(BaseModel):
     """Said once when a tool fails or times out; empty = ``apology``."""
     restaurant: RestaurantRules | None = None
     """Booking rules for the reservation tools."""
+    acknowledgement: str = ""
+    """A word said at the end of the caller's turn when the answer is slow ("Sure,",
+    「はい、」), synthesized once per process; empty = never. It plays only when the answer has
+    no audio ``acknowledge_after_ms`` after the caller stopped speaking, and the answer
+    follows it (see ``voicebot.acknowledgement``)."""
+    acknowledge_after_ms: int = Field(
+        default=DEFAULT_ACKNOWLEDGE_AFTER_MS,
+        ge=MIN_ACKNOWLEDGE_AFTER_MS,
+        le=MAX_ACKNOWLEDGE_AFTER_MS,
+    )
+    """How long after the caller's speech ends the answer may stay silent before the
+    acknowledgement plays (never before the turn is closed and transcribed)."""
+
+    @field_validator("acknowledgement")
+    @classmethod
+    def _acknowledgement(cls, value: str) -> str:
+        value = value.strip()
+        if value and not any(ch.isalnum() for ch in value):
+            raise ValueError(
+                f"{value!r} has nothing to say: use a word such as 'Sure,' or 'はい、'"
+            )
+        if len(value) > MAX_ACKNOWLEDGEMENT_CHARS:
+            raise ValueError(
+                f"{len(value)} characters is too long for an acknowledgement (at most "
+                f"{MAX_ACKNOWLEDGEMENT_CHARS}): a word or two such as 'Sure,' or 'はい、'"
+            )
+        return value
+
+    @field_validator("acknowledge_after_ms")
+    @classmethod
+    def _acknowledge_after(cls, value: int, info: ValidationInfo) -> int:
+        # Only runs when the file sets it: a delay for nothing is a mistake worth naming.
+        if not info.data.get("acknowledgement"):
+            raise ValueError(
+                'set without an acknowledgement: add acknowledgement = "Sure," (or '
+                '"はい、"), or remove acknowledge_after_ms'
+            )
+        return value
 
     @field_validator("timezone")
     @classmethod

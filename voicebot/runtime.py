@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from voicebot.acknowledgement import AcknowledgementAudio
 from voicebot.conversation import utc_now
 from voicebot.endpointing import TurnEndModel
 from voicebot.llm import ChatModel
@@ -34,6 +35,10 @@ class PersonaStack:
     transcriber: Transcriber
     chat: ChatModel
     synthesizer: Synthesizer
+    acknowledgement: AcknowledgementAudio = field(
+        default_factory=AcknowledgementAudio, compare=False, repr=False
+    )
+    """The persona's acknowledgement audio, made once and shared by every call."""
 
 
 @dataclass(frozen=True)

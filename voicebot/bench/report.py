@@ -19,6 +19,7 @@ SPEC_METRICS = (
     "llm_ttft_ms",
     "tts_first_ms",
     "v2v_ms",
+    "first_sound_ms",
     "bargein_stop_ms",
 )
 _LABELS = {
@@ -28,6 +29,7 @@ _LABELS = {
     "llm_first_chunk_ms": "LLM first chunk",
     "tts_first_ms": "TTS first audio",
     "v2v_ms": "voice-to-voice",
+    "first_sound_ms": "first sound",
     "bargein_stop_ms": "barge-in stop",
 }
 

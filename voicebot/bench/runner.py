@@ -6,7 +6,11 @@ output played at playback pace). Definitions, identical for both pipelines:
 - speech end: the end of the last voiced 32 ms window of the utterance per our Silero VAD
   and turn detector, run offline on the same samples; its wall time is when the input frame
   holding it was handed to the handler;
-- v2v: speech end to the first reply frame the player sends;
+- v2v: speech end to the first reply frame the player sends; with the persona's
+  acknowledgement, the first frame of the answer after it (the player's time of the first
+  sound plus how much later the call itself saw the answer start);
+- first sound: speech end to the first agent frame the player sends, acknowledgement
+  included (= v2v without one);
 - endpoint: speech end to the turn being closed (ours: the handler's own measurement, whose
   speech end is the same detector on the same samples; baseline: when ``ReplyOnPause``
   calls the reply function);
@@ -85,6 +89,7 @@ class Measurement:
     llm_first_chunk_ms: float | None = None
     tts_first_ms: float | None = None
     v2v_ms: float | None = None
+    first_sound_ms: float | None = None
     bargein_stop_ms: float | None = None
     reference: str = ""
     transcript: str = ""
@@ -181,6 +186,8 @@ def run_one(
     wall_offset = time.time() - time.monotonic()
     baseline_turns: list[BaselineTurn] = []
     traced: list[CallTrace] = []
+    acknowledges = pipeline == "ours" and bool(setup.stack.persona.acknowledgement)
+    answer_seen: list[float] = []
 
     def live_speech_end() -> float | None:
         # Known once the frame holding the speech end was sent.
@@ -192,6 +199,19 @@ def run_one(
     def reply_from() -> float | None:
         """When audio of the reply to the whole utterance started to come out of ``emit``."""
         end = live_speech_end()
+        if end is None or ours is None:
+            pass
+        elif not acknowledges:
+            return end
+        else:
+            # The first audio may be the acknowledgement: the reply is the answer, whose
+            # audio starts when the call says it speaks.
+            if not answer_seen and ours.call.state == "speaking":
+                answer_seen.append(time.monotonic())
+            if not answer_seen:
+                return None
+            first = traced[0].first_played_from(end) if traced else None
+            return answer_seen[0] if first is not None and first < answer_seen[0] - 0.1 else end
         if end is None or ours is not None:
             return end
         # ReplyOnPause may have answered part of the utterance (a mid-utterance pause), and
@@ -267,10 +287,7 @@ def run_one(
         final.fill(m)
         m.transcript = " ".join(a.user_text for a in [*early, final] if a.user_text)
         first_audio = trace.first_played_from(max(final.audio_from_t, speech_end_t))
-        if first_audio is None:
-            m.notes.append("no reply audio")
-        else:
-            m.v2v_ms = round((first_audio - speech_end_t) * 1000, 1)
+        heard_at(m, first_audio, speech_end_t)
         if interruption is not None:
             if ours is not None and trace.interruption_end_sample is not None:
                 # Ours answers the interruption at least its end-of-turn silence after it.
@@ -310,12 +327,31 @@ def _our_answers(turns: Sequence[Turn], wall_offset: float) -> list[_Answer]:
             m.endpoint_ms, m.stt_ms = t.endpoint_ms, t.stt_ms
             m.llm_ttft_ms, m.llm_first_chunk_ms = t.llm_ttft_ms, t.llm_first_chunk_ms
             m.tts_first_ms, m.reply = t.tts_first_ms, turn.assistant_text
+            # the call's own view; run_one puts both on the player's clock
+            m.first_sound_ms, m.v2v_ms = t.first_sound_ms, t.v2v_ms
 
         # A turn is created when it is closed; its started_at is wall-clock time.
         closed = turn.started_at.timestamp() - wall_offset
         # Ours drops what is queued of an earlier reply when the user talks over it.
         answers.append(_Answer(closed, turn.user_text, turn.interrupted, fill, closed))
     return sorted(answers, key=lambda a: a.closed_t)
+
+
+def heard_at(m: Measurement, first_audio: float | None, speech_end_t: float) -> None:
+    """Put first sound and v2v on the player's clock: first sound is when the player sent the
+    first frame after the speech end; the answer (v2v) came as much later as the call itself
+    saw it come after its acknowledgement (``m`` holds the call's own figures, if any)."""
+    lag = None
+    if m.first_sound_ms is None or m.v2v_ms is not None:
+        lag = (m.v2v_ms or 0.0) - (m.first_sound_ms or 0.0)
+    if first_audio is None:
+        m.notes.append("no reply audio")
+        m.first_sound_ms = m.v2v_ms = None
+        return
+    m.first_sound_ms = round((first_audio - speech_end_t) * 1000, 1)
+    m.v2v_ms = None if lag is None else round(m.first_sound_ms + lag, 1)
+    if lag is None:
+        m.notes.append("acknowledged, but the answer was not heard")
 
 
 def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> list[_Answer]:

@@ -101,6 +101,15 @@ class ToolDone:
 
 
 @dataclass(frozen=True)
+class AcknowledgementDue:
+    """Reply stages: the answer's audio may be late; ``audio`` (the persona's acknowledgement,
+    at the playout's rate) could be said first. The policy decides."""
+
+    reply: int
+    audio: Samples
+
+
+@dataclass(frozen=True)
 class Tick:
     """Timer: the policy's periodic check (transport alive?)."""
 
@@ -131,6 +140,7 @@ CallEvent = (
     | StageFailed
     | ToolRunning
     | ToolDone
+    | AcknowledgementDue
     | Tick
     | EndRequested
     | HangUp

@@ -26,6 +26,8 @@ PLAYBACK_LEAD_S = 0.06
 """How far ahead of real time audio is handed out."""
 RESTART_GAP_S = 0.2
 """Handed out this late, a frame starts a new stretch of speech with its own clock."""
+LEAD_IN = -1
+"""The chunk index of a reply's lead-in (its acknowledgement), heard before its chunk 0."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Playout:
         self._dropped: set[int] = set()  # cleared replies: their late audio is refused
         self._queued: dict[int, int] = {}  # frames waiting, per reply
         self._held: dict[int, list[_Frame]] = {}  # held replies' frames, not yet playable
+        self._lead_ins: dict[int, ChunkHeard] = {}
         self._paused = False
         self._t0: float | None = None
         self._count = 0
@@ -87,6 +90,32 @@ class Playout:
                 self._queued[reply] = self._queued.get(reply, 0) + 1
             self._lock.notify_all()
         return True
+
+    def push_lead_in(self, reply: int, samples: Samples) -> bool:
+        """Queue output-rate audio to be heard before ``reply``'s own, reported as chunk
+        ``LEAD_IN``; refused (False) once any audio of the reply was queued, once it has a
+        lead-in, or once it was cleared. The check and the push are one step, so the reply's
+        first chunk is never overtaken."""
+        with self._lock:
+            pushed = any(c.pushed for c in self._heard.get(reply, ()))
+            if reply in self._dropped or reply in self._lead_ins or pushed:
+                return False
+            heard = self._lead_ins[reply] = ChunkHeard(complete=True)
+            for start in range(0, samples.size, FRAME_SAMPLES):
+                piece = samples[start : start + FRAME_SAMPLES]
+                if piece.size < FRAME_SAMPLES:
+                    piece = np.pad(piece, (0, FRAME_SAMPLES - piece.size))
+                self._frames.append(_Frame(reply, LEAD_IN, piece))
+                self._queued[reply] = self._queued.get(reply, 0) + 1
+                heard.pushed += piece.size
+            self._lock.notify_all()
+        return True
+
+    def lead_in_heard(self, reply: int) -> ChunkHeard | None:
+        """A copy of the counts of ``reply``'s lead-in (None: it has none)."""
+        with self._lock:
+            found = self._lead_ins.get(reply)
+            return None if found is None else ChunkHeard(found.pushed, found.played, True)
 
     def end_chunk(self, reply: int, chunk: int) -> None:
         """Synthesis of the chunk is over: what was pushed is all of it."""
@@ -140,6 +169,7 @@ class Playout:
             if reply is None:
                 self._dropped.update(self._heard)
                 self._dropped.update(self._held)
+                self._dropped.update(self._lead_ins)
                 self._frames.clear()
                 self._queued.clear()
                 self._held.clear()
@@ -161,6 +191,7 @@ class Playout:
         """The reply is recorded: its counts are no longer needed."""
         with self._lock:
             self._heard.pop(reply, None)
+            self._lead_ins.pop(reply, None)
 
     def queued(self, reply: int | None = None) -> int:
         """Frames waiting (of ``reply``, or of all)."""
@@ -187,7 +218,10 @@ class Playout:
         frame = self._frames.popleft()
         self._count += 1
         self._last_frame_at = now
-        heard = self._chunk(frame.reply, frame.chunk)
+        if frame.chunk == LEAD_IN:
+            heard = self._lead_ins.setdefault(frame.reply, ChunkHeard(complete=True))
+        else:
+            heard = self._chunk(frame.reply, frame.chunk)
         if heard.played == 0:
             self._report(ChunkPlaying(frame.reply, frame.chunk, now))
         heard.played += frame.samples.size

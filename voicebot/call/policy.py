@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voicebot.acknowledgement import ANSWER_HEAD_START_S
 from voicebot.audio import Samples
 from voicebot.backchannel import is_backchannel
 from voicebot.call.clock import Clock
 from voicebot.call.events import (
+    AcknowledgementDue,
     AudioIn,
     CallEvent,
     CallOutput,
@@ -38,7 +40,7 @@ from voicebot.call.events import (
     ToolRunning,
     Transcribed,
 )
-from voicebot.call.playout import Playout, played_text
+from voicebot.call.playout import LEAD_IN, Playout, played_text
 from voicebot.call.record import CallObserver, CallSetup, ConversationRecord
 from voicebot.call.reply import Reply, ReplyStages
 from voicebot.call.status import CallState, CallStatus
@@ -124,6 +126,8 @@ class CallPolicy:
         self._frame_times: deque[tuple[int, float]] = deque(maxlen=512)
         self._user_speaking = False
         self._closing_message: str | None = None
+        self._acknowledged: dict[int, str] = {}  # reply → its acknowledgement ("": had one)
+        self._carry_acknowledged = False  # the carried audio's turn already had one
         self.closing = False
         self.ended = False
         self.talking = False
@@ -200,6 +204,8 @@ class CallPolicy:
             self._on_stage_failed(event)
         elif isinstance(event, ToolRunning | ToolDone):
             self._on_tool(event)
+        elif isinstance(event, AcknowledgementDue):
+            self._on_acknowledgement_due(event)
         elif isinstance(event, EndRequested):
             self._on_end_requested(event.message)
         elif isinstance(event, HangUp):
@@ -272,6 +278,7 @@ class CallPolicy:
         self._reply = None
         self.record.unnumber(reply.turn)
         self._carry_audio = reply.user_audio
+        self._carry_acknowledged = self._acknowledged.pop(reply.id, None) is not None
 
     def _with_carry(self, audio: Samples) -> Samples:
         if self._carry_audio is None:
@@ -448,6 +455,7 @@ class CallPolicy:
             tts_model=stack.synthesizer.name,
         )
         reply = self._new_reply(turn, speech_end_t=speech_end_t, closed_t=closed_t, audio=audio)
+        self._inherit_acknowledgement(reply)
         self._reply = reply
         if transcript is not None:
             self._answer(reply, transcript)
@@ -488,6 +496,7 @@ class CallPolicy:
             persona.history_turns * 2,
         )
         self._stages.answer(reply, self._stack, messages)
+        self._schedule_acknowledgement(reply)
 
     # ------------------------------------------------------------------ preemptive replies
 
@@ -631,6 +640,8 @@ class CallPolicy:
         reply = self._replies.get(event.reply)
         if reply is None or reply.finished:
             return
+        if self._first_sound(reply, event):
+            return
         if reply.first_audio_at is None:
             reply.first_audio_at = event.at
             if reply.state == "pending":
@@ -735,7 +746,9 @@ class CallPolicy:
         reply.recorded = True
         if not interrupted:
             reply.state = "done"
-        played = played_text(reply.texts, self._playout.heard(reply.id), reply.joiner)
+        played = self._with_acknowledgement(
+            reply, played_text(reply.texts, self._playout.heard(reply.id), reply.joiner)
+        )
         if self._reply is reply:
             self._reply = None
             self._paused = False
@@ -756,6 +769,68 @@ class CallPolicy:
         turn.interrupted = interrupted
         turn.tool_calls = reply.tool_calls_so_far()
         self.record.turn_done(turn)
+
+    # ------------------------------------------------------------------ the acknowledgement
+
+    def _schedule_acknowledgement(self, reply: Reply) -> None:
+        """The answer has started: have the acknowledgement due ``acknowledge_after_ms``
+        after the caller's speech ended, giving the answer a head start of its own."""
+        persona = self._stack.persona
+        if not persona.acknowledgement or reply.speech_end_t is None:
+            return
+        if reply.id in self._acknowledged:
+            return  # the caller heard one for this turn before it merged into this one
+        due = max(
+            reply.speech_end_t + persona.acknowledge_after_ms / 1000,
+            self._clock.now() + ANSWER_HEAD_START_S,
+        )
+        self._stages.acknowledge(reply, self._stack, due)
+
+    def _inherit_acknowledgement(self, reply: Reply) -> None:
+        if self._carry_acknowledged:
+            self._acknowledged[reply.id] = ""
+        self._carry_acknowledged = False
+
+    def _on_acknowledgement_due(self, event: AcknowledgementDue) -> None:
+        """The answer is still silent: say the acknowledgement first, unless the answer's
+        audio is already queued, the turn had one, or someone is talking over the agent."""
+        reply = self._replies.get(event.reply)
+        if (
+            reply is None
+            or reply is not self._reply
+            or reply.finished
+            or reply.turn is None
+            or reply.first_audio_at is not None
+            or reply.id in self._acknowledged
+            or self._paused
+            or self._overlap is not None
+            or self._user_speaking
+            or self.closing
+        ):
+            return
+        if self._playout.push_lead_in(reply.id, event.audio):  # False: the answer came first
+            self._acknowledged[reply.id] = self._stack.persona.acknowledgement
+            logger.debug("answer not ready: acknowledgement first")
+
+    def _first_sound(self, reply: Reply, event: ChunkPlaying) -> bool:
+        """Time the turn's first sound of any kind; True for the acknowledgement's own
+        report, which is not the answer (v2v counts only the answer)."""
+        turn = reply.turn
+        if turn is not None and reply.speech_end_t is not None:
+            if turn.timings.first_sound_ms is None:
+                turn.timings.first_sound_ms = (event.at - reply.speech_end_t) * 1000
+        return event.index == LEAD_IN
+
+    def _with_acknowledgement(self, reply: Reply, played: str) -> str:
+        """What was heard of the reply, starting with what was heard of its acknowledgement;
+        the turn keeps the latter apart for the history (``Turn.acknowledgement``)."""
+        text = self._acknowledged.pop(reply.id, "")
+        heard = self._playout.lead_in_heard(reply.id)
+        if not text or heard is None or reply.turn is None:
+            return played
+        said = played_text([text], [heard], reply.joiner)
+        reply.turn.acknowledgement = said
+        return reply.joiner.join(part for part in (said, played) if part)
 
     def _derive_state(self) -> CallState:
         if self.closing:

@@ -35,6 +35,7 @@ import scipy.signal  # noqa: F401  (resampling: load it with the call, not on th
 from voicebot.audio import Samples, resample
 from voicebot.call.clock import Clock, RealClock
 from voicebot.call.events import (
+    AcknowledgementDue,
     CallEvent,
     ChunkReady,
     ReplyProduced,
@@ -250,6 +251,26 @@ class ReplyStages:
     def say(self, reply: Reply, stack: PersonaStack, lines: list[str]) -> None:
         """Speak fixed lines."""
         self._start(reply, stack, lambda: iter(lines))
+
+    def acknowledge(self, reply: Reply, stack: PersonaStack, at: float) -> None:
+        """At clock time ``at``, post ``AcknowledgementDue`` with the persona's acknowledgement
+        (made on first use, once per process) unless ``reply`` was cancelled by then; the
+        policy decides whether it plays (see ``voicebot.acknowledgement``)."""
+
+        def due() -> None:
+            persona = stack.persona
+            audio = stack.acknowledgement.get(
+                persona.acknowledgement, stack.synthesizer, OUTPUT_RATE
+            )
+            if audio is None or reply.cancelled:
+                return
+            wait = at - self._clock.now()
+            if wait > 0:
+                self._clock.sleep(wait)
+            if not reply.cancelled:
+                self._post(AcknowledgementDue(reply.id, audio))
+
+        self._clock.start_thread(due, f"reply-{reply.id}-ack")
 
     def _start(
         self, reply: Reply, stack: PersonaStack, chunks: Callable[[], Iterator[str]]

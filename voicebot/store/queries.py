@@ -105,6 +105,7 @@ def stored_turn(row: dict[str, Any]) -> StoredTurn:
         ended_at=row["ended_at"],
         turn_id=row["id"],
         tool_calls=tool_calls_of(row.get("tool_calls")),
+        acknowledgement=row.get("acknowledgement") or "",
     )
     return StoredTurn(turn, row["created_at"])
 

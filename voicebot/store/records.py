@@ -42,6 +42,7 @@ TURN_COLUMNS: tuple[str, ...] = (
     "started_at",
     "ended_at",
     "tool_calls",
+    "acknowledgement",
 )
 """The columns of ``turns`` a turn is written to and read from (``created_at`` is the server's)."""
 
@@ -99,6 +100,7 @@ def turn_record(turn: Turn) -> Record:
         "started_at": _iso(turn.started_at),
         "ended_at": _iso(turn.ended_at),
         "tool_calls": [tool_call_json(c) for c in turn.tool_calls],
+        "acknowledgement": str(turn.acknowledgement),
     }
     return record
 
@@ -163,6 +165,7 @@ def sql_params(record: Record) -> Record:
             "tool_calls": Jsonb(
                 [tool_call_json(c) for c in tool_calls_of(record.get("tool_calls"))]
             ),
+            "acknowledgement": str(record.get("acknowledgement") or ""),
         }
         for name in TIMING_FIELDS:
             value = record.get(name)
