@@ -156,8 +156,10 @@ def run_one(
     interrupt: bool = True,
     interrupt_after_s: float = 1.0,
     max_tail_s: float = 15.0,
+    on_trace: Callable[[CallTrace], None] | None = None,
 ) -> Measurement:
-    """Drive one simulated call through ``pipeline`` and measure it."""
+    """Drive one simulated call through ``pipeline`` and measure it (``on_trace`` gets the
+    call's trace once it is over)."""
     interruption = None
     if interrupt and item.barge_in is not None:
         interruption = Interruption(item.barge_in, interrupt_after_s)
@@ -211,6 +213,8 @@ def run_one(
     finally:
         if call is not None:
             call.close()
+    if on_trace is not None:
+        on_trace(trace)
     m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
     m.feed_lag_ms = _feed_lag_ms(trace)
     speech_end_t = trace.wall_time(ref.speech_end - 1)
