@@ -466,21 +466,17 @@ def bench(
     if transport == "webrtc":
 
         def rtc_progress(m: Any) -> None:
-            figures = ", ".join(
-                f"{label} {'-' if value is None else f'{value:.0f}'}"
-                for label, value in (
-                    ("sim", m.sim_heard_ms),
-                    ("webrtc", m.rtc_heard_ms),
-                    ("in", m.input_ms),
-                    ("pipeline", m.sim_pipeline_ms),
-                    ("/", m.pipeline_ms),
-                    ("out", m.sim_output_ms),
-                    ("/", m.output_ms),
-                    ("client", m.client_buffer_ms),
-                )
+            def fmt(value: float | None) -> str:
+                return "-" if value is None else f"{value:.0f}"
+
+            routes = [("simulate", m.simulate), *m.webrtc.items()]
+            figures = "; ".join(
+                f"{name} {fmt(r.heard_ms)} (in {fmt(r.input_ms)}, out {fmt(r.output_ms)}, "
+                f"client {fmt(r.client_buffer_ms)})"
+                + (f" [{', '.join(r.notes)}]" if r.notes else "")
+                for name, r in routes
             )
-            notes = f"  ({'; '.join(m.notes)})" if m.notes else ""
-            typer.echo(f"  {m.item:<6} {figures} ms{notes}", err=True)
+            typer.echo(f"  {m.item:<6} heard ms: {figures}", err=True)
 
         try:
             rtc = run_webrtc_bench(

@@ -48,6 +48,7 @@ from voicebot.bench.baseline import SileroV6PauseModel
 from voicebot.bench.corpus import CORPUS_RATE, CorpusItem
 from voicebot.bench.metrics import Percentiles, percentiles
 from voicebot.bench.rtc_client import (
+    ONSET_PEAK,
     RATE,
     HeardFrame,
     RtcCaller,
@@ -130,52 +131,58 @@ def timed(setup: LanguageSetup) -> tuple[LanguageSetup, TimedVad, TimedSynthesiz
 
 
 @dataclass
-class RtcMeasurement:
-    """One item over WebRTC and through the harness (milliseconds).
+class Route:
+    """One way an item's reply reached the listener (milliseconds).
 
-    The pieces of each add up to its total: speech end sent → (input) server has it →
-    (pipeline) first TTS audio → (output) first reply frame out / its packet at the client →
-    (client buffer) decoded frame out of the client's track → (quiet start) first sound.
+    The pieces add up to ``heard_ms``: speech end sent → (input) the server's VAD has it →
+    (pipeline) first TTS audio → (output) the reply's first frame played by the harness, or
+    its packet at the client → (client buffer) the decoded frame out of the client's track →
+    (quiet start) the reply's first frame that is sound.
     """
 
-    item: str
-    repeat: int
-    sim_v2v_ms: float | None = None
-    """The harness's own figure: speech end → first frame of the answer played."""
-    sim_heard_ms: float | None = None
-    """The harness, speech end → first played frame of the answer that is sound."""
-    sim_pipeline_ms: float | None = None
-    sim_output_ms: float | None = None
-    sim_quiet_start_ms: float | None = None
-    rtc_heard_ms: float | None = None
-    """Speech end → first received frame of the reply that is sound."""
+    heard_ms: float | None = None
+    """Speech end → first frame of the reply that is sound, as the listener gets it."""
+    own_v2v_ms: float | None = None
+    """The call's own figure (speech end → first frame out of ``emit``; the harness's: played),
+    for the served call as its turn log records it (its speech end is on the decoded audio)."""
     input_ms: float | None = None
     pipeline_ms: float | None = None
     output_ms: float | None = None
     client_buffer_ms: float | None = None
     quiet_start_ms: float | None = None
-    server_v2v_ms: float | None = None
-    """The served call's own figure (its speech end, on the decoded audio → first frame out of
-    ``emit``), as its turn log records it."""
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class RtcMeasurement:
+    """One item through the harness and over WebRTC to each served variant."""
+
+    item: str
+    repeat: int
+    simulate: Route = field(default_factory=Route)
+    webrtc: dict[str, Route] = field(default_factory=dict)
+
+
 PIECES = (
-    ("input", "input: speech end sent → server VAD has it"),
-    ("pipeline", "pipeline: → first TTS audio (endpoint, STT, LLM, TTS)"),
-    ("output", "output: TTS audio → first frame out / packet at client"),
-    ("client_buffer", "client: packet → decoded frame (jitter buffer)"),
-    ("quiet_start", "first frame → first sound (the voice's lead-in)"),
+    ("input_ms", "input: speech end sent → server VAD has it"),
+    ("pipeline_ms", "pipeline: → first TTS audio (endpoint, STT, LLM, TTS)"),
+    ("output_ms", "output: TTS audio → first frame played / packet at client"),
+    ("client_buffer_ms", "client: packet → decoded frame (jitter buffer)"),
+    ("quiet_start_ms", "first frame → first sound (the voice's lead-in)"),
 )
 TOTALS = (
-    ("sim_v2v_ms", "simulate v2v (its own figure, first frame)"),
-    ("sim_heard_ms", "simulate v2v, first sound"),
-    ("rtc_heard_ms", "WebRTC v2v heard, first sound"),
-    ("server_v2v_ms", "WebRTC, the served call's own v2v"),
+    ("heard_ms", "v2v heard (speech end → first sound)"),
+    ("own_v2v_ms", "v2v, the call's own figure (first frame)"),
 )
+VARIANTS: dict[str, dict[str, Any]] = {
+    "before": {"rtc_input_buffer": True, "rtc_send_rate": 24000},
+    "after": {},
+}
+"""Served apps the caller alternates between: settings over the defaults. ``before`` puts back
+what this bench removed; ``after`` is the app as shipped."""
 
 
-def sim_first_sound(trace: CallTrace, from_t: float, *, peak: float = 0.01) -> float | None:
+def sim_first_sound(trace: CallTrace, from_t: float, *, peak: float = ONSET_PEAK) -> float | None:
     """When the harness played the first frame, of audio ``emit`` returned at or after
     ``from_t``, that is sound."""
     number = next((n for at, n in trace.queued if at >= from_t), None)
@@ -215,7 +222,11 @@ class ServedApp:
 
 @contextlib.contextmanager
 def serve(
-    setup: LanguageSetup, vad: TimedVad, voice: TimedSynthesizer, data_dir: Path
+    setup: LanguageSetup,
+    vad: TimedVad,
+    voice: TimedSynthesizer,
+    data_dir: Path,
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[ServedApp]:
     """``create_app`` with the bench's (timed) models and no database, on 127.0.0.1."""
     import uvicorn
@@ -231,8 +242,10 @@ def serve(
     def backend(settings: Settings) -> Iterator[Backend]:
         yield Backend(runtime)
 
-    settings = Settings(data_dir=data_dir, persona=setup.persona, concurrency_limit=1)
-    app = create_app(settings, backend=backend)
+    app = create_app(
+        Settings(data_dir=data_dir, persona=setup.persona, concurrency_limit=1, **(settings or {})),
+        backend=backend,
+    )
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None)
@@ -282,7 +295,7 @@ def reply_onset(trace: RtcTrace, speech_end_t: float) -> tuple[HeardFrame, Heard
     return None
 
 
-async def _rtc_call(served: ServedApp, item: CorpusItem, ref: Reference, m: RtcMeasurement) -> None:
+async def _rtc_call(served: ServedApp, item: CorpusItem, ref: Reference, m: Route) -> None:
     known = {t.turn_id for t in served.store.turns}
     async with RtcCaller(served.base_url) as caller:
         if not await until(lambda: caller.loud_since(0.0) is not None, _GREETING_S):
@@ -306,7 +319,7 @@ async def _rtc_call(served: ServedApp, item: CorpusItem, ref: Reference, m: RtcM
     onset = reply_onset(trace, speech_end_t)
     assert onset is not None
     first, sound = onset
-    m.rtc_heard_ms = _ms(sound.at - speech_end_t)
+    m.heard_ms = _ms(sound.at - speech_end_t)
     m.quiet_start_ms = _ms(sound.at - first.at)
     arrived = trace.packet_arrival(first.pts)
     assert arrived is not None
@@ -324,9 +337,8 @@ async def _rtc_call(served: ServedApp, item: CorpusItem, ref: Reference, m: RtcM
     while time.monotonic() < deadline:
         turn = next((t for t in served.store.turns if t.turn_id not in known and t.user_text), None)
         if turn is not None:
-            m.server_v2v_ms = (
-                None if turn.timings.v2v_ms is None else _ms(turn.timings.v2v_ms / 1000)
-            )
+            v2v = turn.timings.v2v_ms
+            m.own_v2v_ms = None if v2v is None else round(v2v, 1)
             break
         await asyncio.sleep(0.05)
 
@@ -337,8 +349,9 @@ def _simulated(
     pause_model: SileroV6PauseModel,
     item: CorpusItem,
     ref: Reference,
-    m: RtcMeasurement,
-) -> None:
+    repeat: int,
+) -> Route:
+    m = Route(input_ms=0.0, client_buffer_ms=0.0)
     traces: list[CallTrace] = []
     sim = run_one(
         "ours",
@@ -346,23 +359,24 @@ def _simulated(
         pause_model,
         item,
         ref,
-        repeat=m.repeat,
+        repeat=repeat,
         interrupt=False,
         on_trace=traces.append,
     )
-    m.sim_v2v_ms = sim.v2v_ms
+    m.own_v2v_ms = sim.v2v_ms
     trace = traces[0]
     speech_end_t = trace.wall_time(ref.speech_end - 1)
     tts_t = voice.first_after(speech_end_t)
     first = trace.first_played_from(tts_t) if tts_t is not None else None
     sound = sim_first_sound(trace, tts_t) if tts_t is not None else None
     if tts_t is None or first is None or sound is None:
-        m.notes.append("simulate: no reply audio")
-        return
-    m.sim_heard_ms = _ms(sound - speech_end_t)
-    m.sim_pipeline_ms = _ms(tts_t - speech_end_t)
-    m.sim_output_ms = _ms(first - tts_t)
-    m.sim_quiet_start_ms = _ms(sound - first)
+        m.notes.append("no reply audio")
+        return m
+    m.heard_ms = _ms(sound - speech_end_t)
+    m.pipeline_ms = _ms(tts_t - speech_end_t)
+    m.output_ms = _ms(first - tts_t)
+    m.quiet_start_ms = _ms(sound - first)
+    return m
 
 
 def run_webrtc(
@@ -370,65 +384,79 @@ def run_webrtc(
     items: Sequence[CorpusItem],
     *,
     repeats: int,
+    variants: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[RtcMeasurement], None] | None = None,
 ) -> list[RtcMeasurement]:
-    """Each item through the harness, then over WebRTC to the served app, ``repeats`` times."""
+    """Each item through the harness, then over WebRTC to each variant of the served app
+    (``VARIANTS`` by default), interleaved, ``repeats`` times over."""
+    variants = VARIANTS if variants is None else variants
     pause_model = SileroV6PauseModel(setup.runtime.vad)
     refs = {i.name: reference(setup.runtime.vad, setup.runtime.turn_config, i) for i in items}
     timed_setup, vad, voice = timed(setup)
     results: list[RtcMeasurement] = []
-    with tempfile.TemporaryDirectory(prefix="voicebot-rtc-") as data_dir:
-        with serve(timed_setup, vad, voice, Path(data_dir)) as served:
-            for repeat in range(repeats):
-                for item in items:
-                    m = RtcMeasurement(item.name, repeat)
-                    _simulated(timed_setup, voice, pause_model, item, refs[item.name], m)
+    with contextlib.ExitStack() as stack:
+        served: dict[str, ServedApp] = {}
+        for name, overrides in variants.items():
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="voicebot-rtc-"))
+            served[name] = stack.enter_context(
+                serve(timed_setup, vad, voice, Path(data_dir), overrides)
+            )
+        for repeat in range(repeats):
+            for item in items:
+                ref = refs[item.name]
+                m = RtcMeasurement(item.name, repeat)
+                m.simulate = _simulated(timed_setup, voice, pause_model, item, ref, repeat)
+                for name, app in served.items():
+                    path = m.webrtc[name] = Route()
                     try:
-                        asyncio.run(_rtc_call(served, item, refs[item.name], m))
+                        asyncio.run(_rtc_call(app, item, ref, path))
                     except (ConnectionError, OSError) as e:
-                        m.notes.append(f"call failed: {e}")
-                    results.append(m)
-                    if progress is not None:
-                        progress(m)
+                        path.notes.append(f"call failed: {e}")
+                results.append(m)
+                if progress is not None:
+                    progress(m)
     return results
 
 
 @dataclass
 class RtcSummary:
-    """p50 / p95 of each figure over the WebRTC run."""
+    """Percentiles of every figure, per path (``simulate``, ``webrtc <variant>``)."""
 
-    figures: dict[str, Percentiles]
+    figures: dict[str, dict[str, Percentiles]]
     calls: int
 
 
 def summarize_webrtc(measurements: Sequence[RtcMeasurement]) -> RtcSummary:
-    """Percentiles of every total and piece (``sim_<piece>`` and ``<piece>``)."""
-    names = [name for name, _ in TOTALS]
-    for piece, _ in PIECES:
-        names += [f"sim_{piece}_ms", f"{piece}_ms"]
-    figures = {}
-    for name in names:
-        values = [getattr(m, name, None) for m in measurements]
-        figures[name] = percentiles([v for v in values if v is not None])
+    paths: dict[str, list[Route]] = {"simulate": [m.simulate for m in measurements]}
+    for m in measurements:
+        for name, path in m.webrtc.items():
+            paths.setdefault(f"webrtc {name}", []).append(path)
+    figures = {
+        label: {
+            name: percentiles([getattr(p, name) for p in runs]) for name, _ in (*TOTALS, *PIECES)
+        }
+        for label, runs in paths.items()
+    }
     return RtcSummary(figures, len(measurements))
 
 
 def format_webrtc(summary: RtcSummary) -> str:
-    """The totals, then each piece for the harness and for WebRTC (p50, p95)."""
-    f = summary.figures
-    lines = [f"WebRTC: {summary.calls} calls, each also through the harness", ""]
-    lines.append(f"  {'total (ms)':<56} {'p50':>6} {'p95':>6}")
+    """One column per path: p50 of each total and piece, then the totals' p95."""
+    labels = list(summary.figures)
+    width = max(12, *(len(label) + 1 for label in labels))
+    lines = [f"{summary.calls} items, each through every path in turn", ""]
+    lines.append(f"  {'p50 (ms)':<56}" + "".join(f"{label:>{width}}" for label in labels))
+    for name, label in (*TOTALS, *PIECES):
+        cells = [_fmt(summary.figures[path][name].p50) for path in labels]
+        lines.append(f"  {label:<56}" + "".join(f"{cell:>{width}}" for cell in cells))
     for name, label in TOTALS:
-        lines.append(f"  {label:<56} {_fmt(f[name].p50):>6} {_fmt(f[name].p95):>6}")
-    lines += ["", f"  {'piece, p50 (ms)':<56} {'sim':>6} {'webrtc':>6}"]
-    for piece, label in PIECES:
-        sim, rtc = f[f"sim_{piece}_ms"], f[f"{piece}_ms"]
-        lines.append(f"  {label:<56} {_fmt(sim.p50, '0'):>6} {_fmt(rtc.p50):>6}")
+        cells = [_fmt(summary.figures[path][name].p95) for path in labels]
+        lines.append(f"  {label + ', p95':<56}" + "".join(f"{cell:>{width}}" for cell in cells))
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, absent: str = "-") -> str:
-    return absent if value is None else f"{value:.0f}"
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 @dataclass

@@ -627,7 +627,13 @@ class VoiceService:
 
         try:
             reply = await rtc.answer_offer(
-                mixin, body, set_outputs, on_closed=on_closed, answer=answer
+                mixin,
+                body,
+                set_outputs,
+                on_closed=on_closed,
+                answer=answer,
+                input_buffer=self.settings.rtc_input_buffer,
+                send_rate=self.settings.rtc_send_rate,
             )
         except rtc.OfferError as e:
             line.release()
