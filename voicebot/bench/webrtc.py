@@ -385,10 +385,11 @@ def run_webrtc(
     *,
     repeats: int,
     variants: dict[str, dict[str, Any]] | None = None,
+    simulate: bool = True,
     progress: Callable[[RtcMeasurement], None] | None = None,
 ) -> list[RtcMeasurement]:
-    """Each item through the harness, then over WebRTC to each variant of the served app
-    (``VARIANTS`` by default), interleaved, ``repeats`` times over."""
+    """Each item through the harness (unless not ``simulate``), then over WebRTC to each
+    variant of the served app (``VARIANTS`` by default), interleaved, ``repeats`` times over."""
     variants = VARIANTS if variants is None else variants
     pause_model = SileroV6PauseModel(setup.runtime.vad)
     refs = {i.name: reference(setup.runtime.vad, setup.runtime.turn_config, i) for i in items}
@@ -405,7 +406,8 @@ def run_webrtc(
             for item in items:
                 ref = refs[item.name]
                 m = RtcMeasurement(item.name, repeat)
-                m.simulate = _simulated(timed_setup, voice, pause_model, item, ref, repeat)
+                if simulate:
+                    m.simulate = _simulated(timed_setup, voice, pause_model, item, ref, repeat)
                 for name, app in served.items():
                     path = m.webrtc[name] = Route()
                     try:
