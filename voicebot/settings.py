@@ -177,13 +177,12 @@ class Settings(BaseSettings):
     "turn:turn.example.com:3478", "username": "u", "credential": "p"}]}; the page's browser
     and the server's side of every call both use them; unset = host candidates only
     [VOICEBOT_RTC_CONFIGURATION]."""
-    rtc_input_buffer: bool = False
-    """Keep aiortc's jitter buffer on the caller's audio (4 packets, 80 ms later to the VAD);
-    off, each packet goes to the decoder as it arrives [VOICEBOT_RTC_INPUT_BUFFER]."""
-    rtc_send_rate: int = 48000
-    """Rate the call's audio is handed to a WebRTC track at: 48000 is Opus's, so aiortc's
-    encoder does not resample it (its resampler holds every frame back 20 ms); 24000 is the
-    call's own [VOICEBOT_RTC_SEND_RATE]."""
+    rtc_low_latency: bool = True
+    """WebRTC calls without the delays of FastRTC's and aiortc's defaults (about 120 ms): the
+    caller's audio reaches the VAD as each packet arrives, frame by frame (not after aiortc's
+    4-packet jitter buffer, nor in FastRTC's 60 ms batches), and the reply's audio is handed to
+    the track at Opus's 48 kHz (aiortc's resampler would hold each frame back 20 ms); false
+    puts the defaults back [VOICEBOT_RTC_LOW_LATENCY]."""
     public_url: str | None = None
     """The server's public base URL as Twilio sees it (https://...), used to build the Media
     Stream URL and to check Twilio signatures behind a proxy [VOICEBOT_PUBLIC_URL]."""
@@ -207,13 +206,6 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("HF_TOKEN", "VOICEBOT_HF_TOKEN", "hf_token")
     )
     """Hugging Face token for ``voicebot phone`` (FastRTC's temporary number) [HF_TOKEN]."""
-
-    @field_validator("rtc_send_rate")
-    @classmethod
-    def _whole_multiple(cls, value: int) -> int:
-        if value <= 0 or value % 24000:
-            raise ValueError(f"VOICEBOT_RTC_SEND_RATE must be 24000 or 48000, not {value}")
-        return value
 
     @property
     def voices_dir(self) -> Path:

@@ -175,7 +175,7 @@ TOTALS = (
     ("own_v2v_ms", "v2v, the call's own figure (first frame)"),
 )
 VARIANTS: dict[str, dict[str, Any]] = {
-    "before": {"rtc_input_buffer": True, "rtc_send_rate": 24000},
+    "before": {"rtc_low_latency": False},
     "after": {},
 }
 """Served apps the caller alternates between: settings over the defaults. ``before`` puts back

@@ -14,7 +14,8 @@ audio receiver's jitter buffer. What it fixes:
   the handler FastRTC made for it, whichever way it ended.
 - The caller's audio reaches the call as soon as each packet arrives (``unbuffer_input``):
   aiortc's receiver holds 4 packets (80 ms) in a playout jitter buffer, which nothing here
-  plays; the VAD takes frames whenever they come.
+  plays; the VAD takes frames whenever they come. Our handler is tuned for the track too
+  (``tune_for_webrtc``: input frame by frame, output at Opus's 48 kHz).
 - ``serve_websocket`` replaces ``Stream.websocket_offer``: bad JSON and malformed messages are
   skipped (logged once per connection), only the first ``start`` counts, a client that never
   sends ``start`` is closed, the call has a hard time limit, FastRTC's own limit check (which
@@ -172,14 +173,12 @@ async def answer_offer(
     *,
     on_closed: Callable[[Any], None],
     answer: OfferAnswerer | None = None,
-    input_buffer: bool = False,
-    send_rate: int | None = None,
+    low_latency: bool = True,
 ) -> dict[str, Any]:
     """FastRTC's answer to a checked offer; ``on_closed(handler)`` runs once when the connection
     is over (closed, failed, or never connected). Raises OfferError and leaves nothing behind
-    when FastRTC fails or refuses. ``input_buffer``: keep aiortc's input jitter buffer (else
-    ``unbuffer_input``). ``send_rate``: the rate a handler with ``send_at`` hands its audio to
-    FastRTC's track at (its track starts only once the caller has the answer)."""
+    when FastRTC fails or refuses. ``low_latency``: ``unbuffer_input``, and a handler with
+    ``tune_for_webrtc`` is tuned (its track starts only once the caller has the answer)."""
     webrtc_id = body["webrtc_id"]
     answer = answer or mixin.handle_offer
 
@@ -205,10 +204,10 @@ async def answer_offer(
     if pc is None:  # closed while we answered
         on_closed(handler)
         return reply
-    if not input_buffer:
+    if low_latency:
         unbuffer_input(pc)
-    if send_rate is not None and hasattr(handler, "send_at"):
-        handler.send_at(send_rate)
+        if hasattr(handler, "tune_for_webrtc"):
+            handler.tune_for_webrtc()
     done = False
 
     def finish() -> None:

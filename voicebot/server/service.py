@@ -632,8 +632,7 @@ class VoiceService:
                 set_outputs,
                 on_closed=on_closed,
                 answer=answer,
-                input_buffer=self.settings.rtc_input_buffer,
-                send_rate=self.settings.rtc_send_rate,
+                low_latency=self.settings.rtc_low_latency,
             )
         except rtc.OfferError as e:
             line.release()

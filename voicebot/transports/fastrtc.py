@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,7 @@ class VoiceHandler(StreamHandler):
         self.call.on_interrupt = self._interrupted
         self.call.on_end = self._call_over
         self._upsample: FrameUpsampler | None = None
+        self._own_resampler = False  # resample the caller's audio as it comes (not FastRTC's)
         self.on_interrupt: Callable[[], None] | None = None
         """Called (on the call's policy thread) when the agent is stopped mid-reply: a
         transport drops the audio it still holds for the client (Twilio's ``clear``)."""
@@ -144,14 +145,33 @@ class VoiceHandler(StreamHandler):
         self._watch_websocket()
         self.call.start()
 
-    def send_at(self, rate: int) -> None:
-        """Hand audio to FastRTC at ``rate`` from now on (before its track starts: FastRTC
-        reads ``output_sample_rate`` then), upsampling each frame here."""
-        if rate == self.output_sample_rate:
+    def tune_for_webrtc(self) -> None:
+        """For a WebRTC connection, before its track starts (FastRTC reads the rates then):
+        hand audio out at Opus's 48 kHz, upsampled here frame by frame, and take the caller's
+        audio frame by frame as it comes."""
+        if self.output_sample_rate != OPUS_RATE:
+            self._upsample = FrameUpsampler(OUTPUT_RATE, OPUS_RATE)
+            self.output_sample_rate = OPUS_RATE
+            self.output_frame_size = OPUS_RATE // 50
+        self._own_resampler = True
+
+    def resample(self, frame: Any) -> Generator[Any, None, None]:
+        """FastRTC's input resampling (its audio track calls this); once tuned for WebRTC, each
+        frame's samples as it comes: FastRTC's own keeps the input frame's sample count at the
+        output rate (960 samples, 60 ms at 16 kHz), so the call would hear the caller in 60 ms
+        batches (and a fixed frame size would hold each frame back for the resampler's delay)."""
+        if not self._own_resampler:
+            yield from super().resample(frame)
             return
-        self._upsample = FrameUpsampler(OUTPUT_RATE, rate)
-        self.output_sample_rate = rate
-        self.output_frame_size = rate // 50
+        if self._resampler is None:
+            import av
+
+            self._resampler = av.AudioResampler(  # type: ignore[assignment]
+                format="s16",
+                layout=self.expected_layout,
+                rate=self.input_sample_rate,
+            )
+        yield from self._resampler.resample(frame)  # type: ignore[attr-defined]
 
     def _wait_for_page_inputs(self, timeout_s: float = PAGE_INPUT_WAIT_S) -> bool:
         """Ask the page for its inputs (persona, conversation); a client that never answers
