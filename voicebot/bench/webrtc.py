@@ -70,6 +70,7 @@ _WINDOW = 512
 _GREETING_S = 30.0
 _SETTLE_S = 0.6
 _REPLY_WAIT_S = 20.0
+_THREADS_WAIT_S = 30.0
 
 
 class TimedVad:
@@ -395,7 +396,9 @@ def run_webrtc(
     refs = {i.name: reference(setup.runtime.vad, setup.runtime.turn_config, i) for i in items}
     timed_setup, vad, voice = timed(setup)
     results: list[RtcMeasurement] = []
+    before = {t.ident for t in threading.enumerate()}
     with contextlib.ExitStack() as stack:
+        stack.callback(_join_new_threads, before, _THREADS_WAIT_S)
         served: dict[str, ServedApp] = {}
         for name, overrides in variants.items():
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="voicebot-rtc-"))
@@ -418,6 +421,28 @@ def run_webrtc(
                 if progress is not None:
                     progress(m)
     return results
+
+
+def _join_new_threads(before: set[int | None], timeout_s: float) -> None:
+    """Let the calls' threads end (a reply still being synthesized when the caller hung up):
+    a process that exits under them can abort in a native library's destructor."""
+    deadline = time.monotonic() + timeout_s
+    current = threading.current_thread()
+    while time.monotonic() < deadline:
+        left = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in before and t is not current and t.is_alive() and not _pooled(t)
+        ]
+        if not left:
+            return
+        left[0].join(min(1.0, max(0.0, deadline - time.monotonic())))
+    logger.warning("the calls' threads were still running %.0f s after the run", timeout_s)
+
+
+def _pooled(thread: threading.Thread) -> bool:
+    # Idle executor workers (asyncio's, anyio's) wait for work forever; they hold no call.
+    return thread.name.startswith(("ThreadPoolExecutor", "AnyIO worker", "asyncio_"))
 
 
 @dataclass
