@@ -225,3 +225,30 @@ def test_the_servers_input_buffer_passes_packets_on_as_they_arrive() -> None:
     # aiortc's hands a frame out only once the 4 packets after it are in: 80 ms
     aiortc = JitterBuffer(capacity=16, prefetch=4)
     assert frames(aiortc, list(range(6))) == [None, None, None, None, 0, 1]
+
+
+def test_a_handler_tuned_for_webrtc_hears_each_frame_and_speaks_at_48k() -> None:
+    import fractions
+
+    import av
+
+    from tests import fakes
+    from voicebot.transports.fastrtc import VoiceHandler
+
+    def frames(handler: VoiceHandler) -> list[int]:
+        sizes = []
+        for i in range(4):
+            pcm = np.zeros((1, 2 * FRAME), np.int16)  # what aiortc decodes: 48 kHz stereo
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+            frame.sample_rate, frame.pts = 48000, i * FRAME
+            frame.time_base = fractions.Fraction(1, 48000)
+            sizes.append(sum(out.samples for out in handler.resample(frame)))
+        return sizes
+
+    runtime = fakes.runtime()
+    # FastRTC's own: 960 samples at 16 kHz, the caller heard in 60 ms batches
+    assert frames(VoiceHandler(runtime, greet=False)) == [0, 0, 0, 960]
+    tuned = VoiceHandler(runtime, greet=False)
+    tuned.tune_for_webrtc()
+    assert frames(tuned) == [304, 320, 320, 320]  # 20 ms each; 1 ms of resampler delay
+    assert (tuned.output_sample_rate, tuned.output_frame_size) == (48000, 960)
