@@ -428,6 +428,7 @@ def _join_new_threads(before: set[int | None], timeout_s: float) -> None:
     a process that exits under them can abort in a native library's destructor."""
     deadline = time.monotonic() + timeout_s
     current = threading.current_thread()
+    left: list[threading.Thread] = []
     while time.monotonic() < deadline:
         left = [
             t
@@ -437,7 +438,8 @@ def _join_new_threads(before: set[int | None], timeout_s: float) -> None:
         if not left:
             return
         left[0].join(min(1.0, max(0.0, deadline - time.monotonic())))
-    logger.warning("the calls' threads were still running %.0f s after the run", timeout_s)
+    names = ", ".join(sorted({t.name for t in left}))
+    logger.warning("threads still running %.0f s after the run: %s", timeout_s, names)
 
 
 def _pooled(thread: threading.Thread) -> bool:
