@@ -10,11 +10,13 @@ the Ollama-protocol server.
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -23,12 +25,95 @@ import pytest
 from tests.support_voice import KeywordScript, free_port, joe, say
 from voicebot.app import build_runtime, build_stream
 from voicebot.audio import resample, to_int16
-from voicebot.bench.rtc_client import RATE, RtcCaller, RtcTrace, first_onset, until
+from voicebot.bench.rtc_client import FRAME, RATE, RtcCaller, RtcTrace, first_onset, until
 from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.runtime import Runtime
 from voicebot.settings import Settings
 
 ANSWER = "Paris is the capital of France."
+
+
+# A raw aiortc microphone and speaker (test_haproxy's caller is built on them; the calls here use
+# the package's RtcCaller).
+
+
+class Microphone:
+    """An aiortc audio track: silence, then ``say()``'s samples, then silence, in real time."""
+
+    def __init__(self) -> None:
+        from aiortc import AudioStreamTrack
+
+        outer = self
+
+        class Track(AudioStreamTrack):
+            async def recv(self) -> Any:
+                return await outer._next_frame(self)
+
+        self.track = Track()
+        self._pending = np.zeros(0, np.int16)
+        self._lock = threading.Lock()
+        self._t0: float | None = None
+        self._sent = 0
+        self.speech_end_t: float | None = None
+
+    def say(self, samples: np.ndarray) -> None:
+        with self._lock:
+            self._pending = np.concatenate([self._pending, samples])
+
+    async def _next_frame(self, track: Any) -> Any:
+        import av
+
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        else:
+            await asyncio.sleep(max(0.0, self._t0 + self._sent / RATE - time.monotonic()))
+        with self._lock:
+            piece, self._pending = self._pending[:FRAME], self._pending[FRAME:]
+            if piece.size and not self._pending.size:
+                self.speech_end_t = time.monotonic() + piece.size / RATE
+        piece = np.pad(piece, (0, FRAME - piece.size))
+        frame = av.AudioFrame.from_ndarray(piece.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._sent
+        frame.time_base = fractions.Fraction(1, RATE)
+        self._sent += FRAME
+        return frame
+
+
+class Speaker:
+    """Collects the agent's audio with arrival times."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[float, np.ndarray]] = []
+
+    async def play(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            samples = frame.to_ndarray().astype(np.float32) / 32768.0
+            channels = len(frame.layout.channels)
+            mono = samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples[0]
+            self.frames.append((time.monotonic(), mono.reshape(-1)))
+
+    def loud_since(self, t: float, threshold: float = 0.02) -> float | None:
+        """Arrival time of the first loud frame at or after ``t``."""
+        for at, samples in self.frames:
+            if at >= t and np.max(np.abs(samples)) > threshold:
+                return at
+        return None
+
+    def quiet_for(self, seconds: float) -> bool:
+        """Nothing loud arrived in the last ``seconds``."""
+        now = time.monotonic()
+        return all(np.max(np.abs(s)) <= 0.02 for at, s in self.frames if at >= now - seconds)
+
+    def audio_since(self, t: float) -> np.ndarray:
+        parts = [s for at, s in self.frames if at >= t]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 @pytest.fixture(scope="module")
