@@ -252,3 +252,42 @@ def test_a_handler_tuned_for_webrtc_hears_each_frame_and_speaks_at_48k() -> None
     tuned.tune_for_webrtc()
     assert frames(tuned) == [304, 320, 320, 320]  # 20 ms each; 1 ms of resampler delay
     assert (tuned.output_sample_rate, tuned.output_frame_size) == (48000, 960)
+
+
+def test_the_input_buffer_is_swapped_on_a_real_peer_connection_and_a_miss_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+
+    from aiortc import RTCPeerConnection
+
+    from voicebot.server import rtc_signalling
+    from voicebot.server.rtc_signalling import ArrivalOrderBuffer, unbuffer_input
+
+    async def swap() -> Any:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio")
+        try:
+            assert unbuffer_input(pc)
+            return pc.getTransceivers()[0].receiver._RTCRtpReceiver__jitter_buffer
+        finally:
+            await pc.close()
+
+    assert isinstance(asyncio.run(swap()), ArrivalOrderBuffer)
+
+    class Transceiver:
+        kind = "audio"
+        receiver = object()  # an aiortc that keeps its buffer elsewhere
+
+    class Pc:
+        def getTransceivers(self) -> list[Transceiver]:
+            return [Transceiver()]
+
+    caplog.set_level(logging.INFO, logger="voicebot.server.rtc_signalling")
+    rtc_signalling._missing_buffer_logged = False
+    assert not unbuffer_input(Pc()) and not unbuffer_input(Pc())
+    assert [r.getMessage() for r in caplog.records] == [
+        "aiortc's receiver has no _RTCRtpReceiver__jitter_buffer: WebRTC input keeps its 80 ms "
+        "buffer"
+    ]

@@ -146,20 +146,25 @@ class ArrivalOrderBuffer:
 
 
 _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+_missing_buffer_logged = False
 
 
 def unbuffer_input(pc: Any) -> bool:
     """Give ``pc``'s audio receivers an ``ArrivalOrderBuffer``; call before media flows (the
-    answer not yet sent). False (logged) when this aiortc keeps its buffer elsewhere."""
+    answer not yet sent). False (logged once) when this aiortc keeps its buffer elsewhere."""
+    global _missing_buffer_logged
     done = False
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
         if transceiver.kind != "audio" or receiver is None:
             continue
         if not hasattr(receiver, _JITTER_BUFFER):
-            logger.warning(
-                "aiortc's receiver has no %s: input keeps its 80 ms buffer", _JITTER_BUFFER
-            )
+            if not _missing_buffer_logged:
+                _missing_buffer_logged = True
+                logger.warning(
+                    "aiortc's receiver has no %s: WebRTC input keeps its 80 ms buffer",
+                    _JITTER_BUFFER,
+                )
             return False
         setattr(receiver, _JITTER_BUFFER, ArrivalOrderBuffer())
         done = True
