@@ -1,10 +1,11 @@
 """``voicebot bench --transport webrtc``: each item over a real WebRTC call, next to ``simulate``.
 
 The served app (``create_app``, the same routes and handler a user runs, under uvicorn on a
-loopback port) answers an aiortc caller (``voicebot.bench.rtc_client``) that waits for the
-greeting, says the corpus utterance at real-time pace and records what it hears. The same
-item also goes through the in-process harness (``runner.run_one``), interleaved, so the two
-figures come from the same minute of the same machine.
+loopback port, once per variant of its settings: ``VARIANTS``) answers an aiortc caller
+(``voicebot.bench.rtc_client``) that waits for the greeting, says the corpus utterance at
+real-time pace and records what it hears. The same item also goes through the in-process
+harness (``runner.run_one``), interleaved, so every figure comes from the same minutes of the
+same machine.
 
 Speech end is the harness's (our VAD and turn detector on the item's samples, offline); its
 time is when the microphone frame holding it was handed to aiortc. Voice-to-voice heard is
@@ -12,19 +13,19 @@ speech end to the arrival of the first received frame that is sound, after speec
 (``rtc_client.first_onset``); the harness's figure is given the same way (its first played
 frame of the answer that is sound) beside its own.
 
-Where the difference goes, at each boundary (all ``time.monotonic()`` in one process):
+The pieces, at each boundary (all ``time.monotonic()`` in one process), add up to it:
 
 - input: the microphone frame sent → the server's VAD ran on the window that frame completes
-  (the server's own window times, ``TimedVad``), median over the call; plus Opus's 6.5 ms
-  look-ahead, which delays the content, not the packets;
-- server: its speech end → the reply's first frame out of ``emit`` (the served call's own
-  ``Timings``: endpoint and v2v, in the turn it records);
-- output: that first frame out of ``emit`` → its RTP packet arriving at the client (FastRTC's
-  queue and pacing, aiortc's encoder, loopback);
+  (``TimedVad``), median over the call; plus Opus's 6.5 ms look-ahead, which delays the
+  content, not the packets (the harness: 0);
+- pipeline: → the voice's first audio of the reply handed to the call (``TimedSynthesizer``:
+  endpointing, STT, LLM, TTS first audio);
+- output: → the reply's first frame played by the harness, or its RTP packet at the client
+  (our playout, FastRTC's queue and pacing, aiortc's encoder, loopback);
 - client buffer: packet arrival → the decoded frame out of the client's track (aiortc's
-  jitter buffer holds 4 packets, then the decoder);
+  jitter buffer holds 4 packets, then the decoder; the harness: 0);
 - quiet start: the reply's first frame → its first frame that is sound (the voice's own
-  leading silence, the same in both harnesses).
+  leading silence, and any frame held back on the way).
 """
 
 from __future__ import annotations
