@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from voicebot.bench.corpus import (
 from voicebot.bench.main import BenchOptions, run_bench
 from voicebot.bench.metrics import error_count, percentiles
 from voicebot.bench.report import format_table, plot
+from voicebot.bench.rtc_client import FRAME, HeardFrame, RtcTrace, first_onset, frame_onset_s
+from voicebot.bench.webrtc import input_latency_s, reply_onset
 from voicebot.settings import Settings
 from voicebot.vad import SileroVad
 
@@ -145,3 +148,147 @@ def test_bench_tiny_corpus_end_to_end(
     png = tmp_path / "bench.png"
     plot(report, png)
     assert png.stat().st_size > 10_000
+
+
+# --- the WebRTC mode's measurement logic (synthetic frames, no call) --------------------------
+
+
+def _heard(at: float, pts: int, peak: float) -> HeardFrame:
+    samples = np.zeros(FRAME, np.float32)
+    samples[FRAME // 2] = peak
+    return HeardFrame(at, pts, samples)
+
+
+def test_received_audio_onset_skips_silence_and_the_greetings_tail() -> None:
+    # Packets every 20 ms from t=0; aiortc's jitter buffer hands frames out 80 ms after their
+    # packet. The greeting's last frames (loud ones included) were in before speech end (t=1.0)
+    # but come out of the buffer after it; the reply's first frames are silence.
+    trace = RtcTrace(packets=[(0.02 * i, 5000 + FRAME * i) for i in range(100)])
+    peaks = {48: 0.3, 49: 0.001, 50: 0.0, 51: 0.0, 52: 0.005, 53: 0.2, 54: 0.5}
+    trace.heard = [_heard(0.02 * i + 0.08, FRAME * i, peaks.get(i, 0.0)) for i in range(48, 60)]
+
+    assert first_onset(trace.heard, 0.0) is trace.heard[0]  # the greeting's loud tail
+    onset = reply_onset(trace, speech_end_t=1.0)
+    assert onset is not None
+    first, sound = onset
+    assert (first.pts, sound.pts) == (50 * FRAME, 53 * FRAME)
+    assert trace.packet_arrival(sound.pts) == pytest.approx(1.06)
+    assert frame_onset_s(sound.samples) == pytest.approx(0.01)
+    assert reply_onset(trace, speech_end_t=5.0) is None  # nothing after it
+
+
+def test_input_latency_is_the_median_lag_from_sent_frame_to_judged_window() -> None:
+    trace = RtcTrace(sent=[0.02 * i for i in range(200)])  # 48 kHz frames of 960 samples
+    # window j (512 samples at 16 kHz) ends in the frame holding 48 kHz sample 1536 (j+1) - 3
+    ends = [((512 * (j + 1) - 1) * 3) // FRAME for j in range(100)]
+    windows = [0.02 * end + 0.045 for end in ends]
+    windows[10] += 0.5  # a stall: the median ignores it
+    assert input_latency_s(trace, windows) == pytest.approx(0.045)
+    assert input_latency_s(RtcTrace(), windows) is None
+
+
+def test_the_upsampler_has_no_seams_between_frames_and_no_frame_of_delay() -> None:
+    from scipy.signal import resample_poly
+
+    from voicebot.transports.fastrtc import FrameUpsampler
+
+    x = np.random.default_rng(1).standard_normal(24000).astype(np.float32) * 0.1
+    up = FrameUpsampler(24000, 48000)
+    frames = [up(x[i : i + 480]) for i in range(0, x.size, 480)]
+    assert {f.size for f in frames} == {960}  # whole 20 ms frames at once
+    y = np.concatenate(frames)
+    whole = resample_poly(x, 2, 1)
+    lag = 2 * FrameUpsampler.LAG  # 32 samples at 48 kHz: 0.7 ms
+    np.testing.assert_allclose(y[lag:], whole[:-lag], atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        FrameUpsampler(24000, 44100)
+
+
+class _Packet:
+    def __init__(self, sequence_number: int) -> None:
+        self.sequence_number = sequence_number
+        self.timestamp = sequence_number * 960
+        self._data = bytes([sequence_number % 256])
+
+
+def test_the_servers_input_buffer_passes_packets_on_as_they_arrive() -> None:
+    from aiortc.jitterbuffer import JitterBuffer
+
+    from voicebot.server.rtc_signalling import ArrivalOrderBuffer
+
+    def frames(buffer: Any, order: list[int]) -> list[int | None]:
+        out = [buffer.add(_Packet(p))[1] for p in order]
+        return [None if f is None else f.timestamp // 960 for f in out]
+
+    # wraps around; 1 comes late (dropped: the VAD has moved on), 2 comes twice
+    order = [65533, 65534, 65535, 0, 2, 1, 2, 3]
+    assert frames(ArrivalOrderBuffer(), order) == [65533, 65534, 65535, 0, 2, None, None, 3]
+    # aiortc's hands a frame out only once the 4 packets after it are in: 80 ms
+    aiortc = JitterBuffer(capacity=16, prefetch=4)
+    assert frames(aiortc, list(range(6))) == [None, None, None, None, 0, 1]
+
+
+def test_a_handler_tuned_for_webrtc_hears_each_frame_and_speaks_at_48k() -> None:
+    import fractions
+
+    import av
+
+    from tests import fakes
+    from voicebot.transports.fastrtc import VoiceHandler
+
+    def frames(handler: VoiceHandler) -> list[int]:
+        sizes = []
+        for i in range(4):
+            pcm = np.zeros((1, 2 * FRAME), np.int16)  # what aiortc decodes: 48 kHz stereo
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+            frame.sample_rate, frame.pts = 48000, i * FRAME
+            frame.time_base = fractions.Fraction(1, 48000)
+            sizes.append(sum(out.samples for out in handler.resample(frame)))
+        return sizes
+
+    runtime = fakes.runtime()
+    # FastRTC's own: 960 samples at 16 kHz, the caller heard in 60 ms batches
+    assert frames(VoiceHandler(runtime, greet=False)) == [0, 0, 0, 960]
+    tuned = VoiceHandler(runtime, greet=False)
+    tuned.tune_for_webrtc()
+    assert frames(tuned) == [304, 320, 320, 320]  # 20 ms each; 1 ms of resampler delay
+    assert (tuned.output_sample_rate, tuned.output_frame_size) == (48000, 960)
+
+
+def test_the_input_buffer_is_swapped_on_a_real_peer_connection_and_a_miss_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+
+    from aiortc import RTCPeerConnection
+
+    from voicebot.server import rtc_signalling
+    from voicebot.server.rtc_signalling import ArrivalOrderBuffer, unbuffer_input
+
+    async def swap() -> Any:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio")
+        try:
+            assert unbuffer_input(pc)
+            return pc.getTransceivers()[0].receiver._RTCRtpReceiver__jitter_buffer
+        finally:
+            await pc.close()
+
+    assert isinstance(asyncio.run(swap()), ArrivalOrderBuffer)
+
+    class Transceiver:
+        kind = "audio"
+        receiver = object()  # an aiortc that keeps its buffer elsewhere
+
+    class Pc:
+        def getTransceivers(self) -> list[Transceiver]:
+            return [Transceiver()]
+
+    caplog.set_level(logging.INFO, logger="voicebot.server.rtc_signalling")
+    rtc_signalling._missing_buffer_logged = False
+    assert not unbuffer_input(Pc()) and not unbuffer_input(Pc())
+    assert [r.getMessage() for r in caplog.records] == [
+        "aiortc's receiver has no _RTCRtpReceiver__jitter_buffer: WebRTC input keeps its 80 ms "
+        "buffer"
+    ]

@@ -14,7 +14,6 @@ import fractions
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,17 @@ import pytest
 
 from tests.support_voice import KeywordScript, free_port, joe, say
 from voicebot.app import build_runtime, build_stream
-from voicebot.audio import resample
+from voicebot.audio import resample, to_int16
+from voicebot.bench.rtc_client import FRAME, RATE, RtcCaller, RtcTrace, first_onset, until
 from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.runtime import Runtime
 from voicebot.settings import Settings
 
-RATE = 48000
-FRAME = RATE // 50
 ANSWER = "Paris is the capital of France."
+
+
+# A raw aiortc microphone and speaker (test_haproxy's caller is built on them; the calls here use
+# the package's RtcCaller).
 
 
 class Microphone:
@@ -157,84 +159,47 @@ def server(runtime: tuple[Runtime, Settings]) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-async def _call(base_url: str, speech: np.ndarray) -> tuple[Speaker, Microphone, list[str]]:
-    from aiortc import RTCPeerConnection, RTCSessionDescription
+async def _call(base_url: str, speech: np.ndarray) -> tuple[RtcTrace, int]:
+    """A polite caller: waits for the greeting to be over, then asks, and hears the answer;
+    returns what it sent and heard, and the microphone sample the question starts at."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
 
-    webrtc_id = uuid.uuid4().hex
-    pc = RTCPeerConnection()  # no ICE servers: loopback host candidates only
-    microphone, speaker = Microphone(), Speaker()
-    messages: list[str] = []
-    tasks: list[asyncio.Task[None]] = []
-    channel = pc.createDataChannel("text")
-    http = httpx.AsyncClient(base_url=base_url, timeout=10)
-
-    @channel.on("message")
-    def on_message(message: str) -> None:
-        messages.append(message)
-        if json.loads(message).get("type") == "send_input":
+        async def send_inputs(webrtc_id: str) -> None:
             body = {"webrtc_id": webrtc_id, "persona": "assistant-en"}
-            tasks.append(asyncio.ensure_future(_post(http, "/input_hook", body)))
+            (await http.post("/input_hook", json=body)).raise_for_status()
 
-    @pc.on("track")
-    def on_track(track: Any) -> None:
-        tasks.append(asyncio.ensure_future(speaker.play(track)))
-
-    pc.addTrack(microphone.track)
-    try:
-        await pc.setLocalDescription(await pc.createOffer())
-        offer = {"sdp": pc.localDescription.sdp, "type": "offer", "webrtc_id": webrtc_id}
-        answer = (await http.post("/webrtc/offer", json=offer)).json()
-        assert "sdp" in answer, answer  # errors come back as 200 with status: failed
-        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-
-        # A polite caller: waits for the greeting to be over, then asks.
-        greeting = await _until(lambda: speaker.loud_since(0) is not None, 30)
-        assert greeting, f"no greeting; messages: {messages}"
-        await _until(lambda: speaker.quiet_for(0.6), 20)
-        microphone.say(speech)
-        await _until(lambda: microphone.speech_end_t is not None, 10)
-        assert microphone.speech_end_t is not None
-        end = microphone.speech_end_t
-        await _until(lambda: speaker.loud_since(end) is not None, 30)
-        await _until(lambda: speaker.quiet_for(0.8), 20)  # the whole answer
-    finally:
-        await pc.close()
-        await http.aclose()
-        for task in tasks:
-            task.cancel()
-    return speaker, microphone, messages
-
-
-async def _post(http: httpx.AsyncClient, path: str, body: dict[str, str]) -> None:
-    (await http.post(path, json=body)).raise_for_status()
-
-
-async def _until(predicate: Any, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(predicate())
+        async with RtcCaller(base_url, input_hook=send_inputs) as caller:
+            greeting = await until(lambda: caller.loud_since(0) is not None, 30)
+            assert greeting, f"no greeting; messages: {caller.trace.messages}"
+            await until(lambda: caller.quiet_for(0.6), 20)
+            start = caller.say(speech)
+            trace = caller.trace
+            await until(lambda: trace.sent_at(start + speech.size - 1) is not None, 10)
+            end = trace.sent_at(start + speech.size - 1)
+            assert end is not None
+            await until(lambda: caller.loud_since(end) is not None, 30)
+            await until(lambda: caller.quiet_for(0.8), 20)  # the whole answer
+    return trace, start
 
 
 def test_a_webrtc_caller_hears_the_greeting_then_the_answer(
     server: str, runtime: tuple[Runtime, Settings], joe_voice_path: Path
 ) -> None:
     rate, question = say(joe(joe_voice_path), "What is the capital of France?")
-    speech = (np.clip(resample(question, rate, RATE), -1, 1) * 32767).astype(np.int16)
-    speaker, microphone, messages = asyncio.run(_call(server, speech))
+    speech = to_int16(resample(question, rate, RATE))
+    trace, start = asyncio.run(_call(server, speech))
 
-    assert any(json.loads(m).get("type") == "send_input" for m in messages)
-    assert microphone.speech_end_t is not None
-    answered_at = speaker.loud_since(microphone.speech_end_t)
-    assert answered_at is not None, "no reply audio after the question"
-    reply = speaker.audio_since(microphone.speech_end_t)
+    assert any(json.loads(m).get("type") == "send_input" for m in trace.messages)
+    speech_end_t = trace.sent_at(start + speech.size - 1)
+    assert speech_end_t is not None
+    answered = first_onset(trace.heard, speech_end_t)
+    assert answered is not None, "no reply audio after the question"
+    reply = np.concatenate([f.samples for f in trace.heard if f.at >= speech_end_t])
     # What came back over the wire (Opus, 48 kHz) is the scripted answer, spoken.
     stack = runtime[0].stack("assistant-en")
     heard = stack.transcriber.transcribe((RATE, reply), "en").lower()
     assert "capital of france" in heard, heard
-    delay_ms = 1000 * (answered_at - microphone.speech_end_t)
+    delay_ms = 1000 * (answered.at - speech_end_t)
     print(f"first reply audio {delay_ms:.0f} ms after the question ended")
 
 
@@ -341,3 +306,44 @@ def test_a_webrtc_caller_vanishing_mid_reply_ends_the_call_once_with_the_turn(
         while store.closes == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert_ended_once_with_the_turn(store, reply)
+
+
+def test_the_webrtc_bench_times_a_call_to_the_served_app(
+    runtime: tuple[Runtime, Settings], joe_voice_path: Path
+) -> None:
+    """``voicebot bench --transport webrtc`` on one item: ``create_app`` under uvicorn, a real
+    WebRTC call, and every piece of the caller's wait measured, adding up to what it heard."""
+    from dataclasses import replace
+
+    from voicebot.bench.corpus import CorpusItem
+    from voicebot.bench.runner import LanguageSetup
+    from voicebot.bench.webrtc import run_webrtc
+
+    base, _ = runtime
+    stack = base.stack("assistant-en")
+    brief = replace(stack, persona=stack.persona.model_copy(update={"greeting": "Hi."}))
+    setup = LanguageSetup(
+        "en", replace(base, stacks={**base.stacks, "assistant-en": brief}), "assistant-en"
+    )
+    rate, question = say(joe(joe_voice_path), "What is the capital of France?")
+    pad = np.zeros(8000, np.float32)
+    audio = np.concatenate([pad, resample(question, rate, 16000), pad, pad])
+    item = CorpusItem("france", "What is the capital of France?", "en", audio)
+
+    [m] = run_webrtc(setup, [item], repeats=1, variants={"shipped": {}}, simulate=False)
+
+    heard = m.webrtc["shipped"]
+    assert not heard.notes, heard.notes
+    assert heard.heard_ms is not None and heard.own_v2v_ms is not None
+    pieces = [
+        heard.input_ms,
+        heard.pipeline_ms,
+        heard.output_ms,
+        heard.client_buffer_ms,
+        heard.quiet_start_ms,
+    ]
+    assert all(p is not None for p in pieces), heard
+    assert sum(p for p in pieces if p is not None) == pytest.approx(heard.heard_ms, abs=1.0)
+    # aiortc's own input jitter buffer would hold each packet until 4 more had come (>= 80 ms
+    # at the caller's real-time pace, plus Opus's 6.5 ms); the served app passes them on.
+    assert heard.input_ms is not None and heard.input_ms < 86, heard

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar, get_type_hints
 import typer
 
 from voicebot.console import fail, setup_logging, step
-from voicebot.errors import VoicebotError
+from voicebot.errors import ConfigError, VoicebotError
 from voicebot.reservations.cli import register as _register_reservations
 from voicebot.settings import Settings
 
@@ -467,9 +467,17 @@ def bench(
             "main run, the other reported apart). Default: the settings'.",
         ),
     ] = "",
+    transport: Annotated[
+        str,
+        typer.Option(
+            "--transport",
+            help="simulate (in-process harness, ours and the cookbook) or webrtc (ours over a "
+            "real WebRTC call to the served app, next to the harness).",
+        ),
+    ] = "simulate",
 ) -> None:
     """Voice-to-voice latency of voicebot next to the FastRTC cookbook pipeline."""
-    from voicebot.bench.main import DEFAULT_CORPUS, BenchOptions, run_bench
+    from voicebot.bench.main import DEFAULT_CORPUS, BenchOptions, run_bench, run_webrtc_bench
     from voicebot.bench.report import format_table, plot
 
     def progress(m: Any) -> None:
@@ -494,7 +502,36 @@ def bench(
         stt_model_ja=stt_model_ja,
         tts_voice=options.tts_voice,
         preemptive=_on_off_list(preemptive),
+        transport=transport,
     )
+    if transport not in ("simulate", "webrtc"):
+        fail(ConfigError(f"--transport must be simulate or webrtc, not {transport!r}"))
+    if transport == "webrtc":
+
+        def rtc_progress(m: Any) -> None:
+            def fmt(value: float | None) -> str:
+                return "-" if value is None else f"{value:.0f}"
+
+            routes = [("simulate", m.simulate), *m.webrtc.items()]
+            figures = "; ".join(
+                f"{name} {fmt(r.heard_ms)} (in {fmt(r.input_ms)}, out {fmt(r.output_ms)}, "
+                f"client {fmt(r.client_buffer_ms)})"
+                + (f" [{', '.join(r.notes)}]" if r.notes else "")
+                for name, r in routes
+            )
+            typer.echo(f"  {m.item:<6} heard ms: {figures}", err=True)
+
+        try:
+            rtc = run_webrtc_bench(
+                bench_options, make_settings(device=options.device), progress=rtc_progress
+            )
+        except (VoicebotError, ValueError) as e:
+            fail(e)
+        typer.echo(rtc.table())
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(rtc.to_json(), encoding="utf-8")
+        return
     try:
         report = run_bench(bench_options, make_settings(device=options.device), progress=progress)
     except (VoicebotError, ValueError) as e:

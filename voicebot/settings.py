@@ -186,6 +186,12 @@ class Settings(BaseSettings):
     "turn:turn.example.com:3478", "username": "u", "credential": "p"}]}; the page's browser
     and the server's side of every call both use them; unset = host candidates only
     [VOICEBOT_RTC_CONFIGURATION]."""
+    rtc_low_latency: bool = True
+    """WebRTC calls without the delays of FastRTC's and aiortc's defaults (about 120 ms): the
+    caller's audio reaches the VAD as each packet arrives, frame by frame (not after aiortc's
+    4-packet jitter buffer, nor in FastRTC's 60 ms batches), and the reply's audio is handed to
+    the track at Opus's 48 kHz (aiortc's resampler would hold each frame back 20 ms); false
+    puts the defaults back [VOICEBOT_RTC_LOW_LATENCY]."""
     public_url: str | None = None
     """The server's public base URL as Twilio sees it (https://...), used to build the Media
     Stream URL and to check Twilio signatures behind a proxy [VOICEBOT_PUBLIC_URL]."""

@@ -18,6 +18,12 @@ from voicebot.bench.runner import (
     run_interleaved,
     run_sessions,
 )
+from voicebot.bench.webrtc import (
+    RtcMeasurement,
+    WebRtcReport,
+    run_webrtc,
+    summarize_webrtc,
+)
 from voicebot.errors import ConfigError
 from voicebot.settings import Settings
 
@@ -53,6 +59,9 @@ class BenchOptions:
     preemptive: Sequence[bool] = ()
     """Ours with preemptive replies on/off, each for every item (the first is the main run);
     empty: as the settings say."""
+    transport: str = "simulate"
+    """``simulate`` (in-process harness, both pipelines) or ``webrtc`` (ours over a real WebRTC
+    call to the served app, next to the harness)."""
 
 
 def _setup(language: str, options: BenchOptions, settings: Settings, host: str) -> LanguageSetup:
@@ -82,6 +91,56 @@ def _setup(language: str, options: BenchOptions, settings: Settings, host: str) 
         update["stt_model"], update["tts_voice"] = str(model), str(voice)
     runtime = build_runtime(settings.model_copy(update=update), personas=[persona])
     return LanguageSetup(language, runtime, persona)
+
+
+def run_webrtc_bench(
+    options: BenchOptions,
+    settings: Settings,
+    *,
+    progress: Callable[[RtcMeasurement], None] | None = None,
+) -> WebRtcReport:
+    """Ours over WebRTC to the served app, each item also through the harness, interleaved."""
+    import os
+
+    from voicebot.ollama_server import OllamaProtocolServer
+
+    items = load_corpus(options.corpus, languages=options.languages, limit=options.limit)
+    load_before = os.getloadavg()
+    server = None
+    host = options.ollama_host
+    if host is None:
+        server = OllamaProtocolServer(options.llm_profile)
+        host = server.start()
+    measurements: dict[str, list[RtcMeasurement]] = {}
+    try:
+        for language in sorted({item.language for item in items}):
+            try:
+                setup = _setup(language, options, settings, host)
+            except ConfigError as e:
+                logger.warning("skipping %s: %s", language, e)
+                continue
+            mine = [item for item in items if item.language == language]
+            measurements[language] = run_webrtc(
+                setup, mine, repeats=options.repeats, progress=progress
+            )
+    finally:
+        if server is not None:
+            server.stop()
+    if not measurements:
+        raise ConfigError("no language of the corpus could be set up")
+    machine = machine_info()
+    load_after = os.getloadavg()
+    machine["load_average"] = (
+        f"{load_before[0]:.1f} {load_before[1]:.1f} / {load_after[0]:.1f} {load_after[1]:.1f}"
+        " (1 and 5 min)"
+    )
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    return WebRtcReport(
+        machine,
+        config,
+        {language: summarize_webrtc(ms) for language, ms in measurements.items()},
+        measurements,
+    )
 
 
 def run_bench(

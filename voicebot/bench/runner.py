@@ -176,9 +176,11 @@ def run_one(
     max_tail_s: float = 15.0,
     preemptive: bool | None = None,
     variant: str = "",
+    on_trace: Callable[[CallTrace], None] | None = None,
 ) -> Measurement:
     """Drive one simulated call through ``pipeline`` and measure it; ``preemptive``: ours
-    with preemptive replies on or off (None: as the runtime is set)."""
+    with preemptive replies on or off (None: as the runtime is set); ``on_trace`` gets the
+    call's trace once it is over."""
     interruption = None
     if interrupt and item.barge_in is not None:
         interruption = Interruption(item.barge_in, interrupt_after_s)
@@ -251,6 +253,8 @@ def run_one(
     finally:
         if call is not None:
             call.close()
+    if on_trace is not None:
+        on_trace(trace)
     m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
     m.feed_lag_ms = _feed_lag_ms(trace)
     if ours is not None:

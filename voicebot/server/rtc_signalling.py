@@ -3,7 +3,8 @@
 This is the only module that touches FastRTC's (0.0.34) signalling internals: the connection
 maps of a ``Stream`` or of the page's WebRTC component (``pcs``, ``connections``, ``handlers``,
 ``data_channels``, ``additional_outputs``, ``connection_timeouts``), its ``WebSocketHandler``
-and the component's ``handle_offer``. What it fixes:
+and the component's ``handle_offer``; and of the aiortc peer connection FastRTC makes, the
+audio receiver's jitter buffer. What it fixes:
 
 - An offer is checked before FastRTC sees it (``check_offer``, ``check_sdp``): FastRTC adds
   the connection to ``pcs`` before ``setRemoteDescription`` can fail, and schedules no cleanup
@@ -11,6 +12,10 @@ and the component's ``handle_offer``. What it fixes:
 - Any failure while answering an offer removes every trace of it (``answer_offer``).
 - The server learns when a WebRTC connection is over (``answer_offer``'s ``on_closed``), with
   the handler FastRTC made for it, whichever way it ended.
+- The caller's audio reaches the call as soon as each packet arrives (``unbuffer_input``):
+  aiortc's receiver holds 4 packets (80 ms) in a playout jitter buffer, which nothing here
+  plays; the VAD takes frames whenever they come. Our handler is tuned for the track too
+  (``tune_for_webrtc``: input frame by frame, output at Opus's 48 kHz).
 - ``serve_websocket`` replaces ``Stream.websocket_offer``: bad JSON and malformed messages are
   skipped (logged once per connection), only the first ``start`` counts, a client that never
   sends ``start`` is closed, the call has a hard time limit, FastRTC's own limit check (which
@@ -114,6 +119,58 @@ async def close_connection(mixin: Any, webrtc_id: str) -> None:
         await pc.close()
 
 
+class ArrivalOrderBuffer:
+    """Stands in for aiortc's audio ``JitterBuffer`` on the server: each packet newer than the
+    last goes to the decoder as it arrives; a late or repeated one is dropped.
+
+    aiortc's buffer (``JitterBuffer(capacity=16, prefetch=4)``) releases a frame only once the
+    4 packets after it are in: 80 ms at 20 ms a packet, a cushion for playing audio out evenly.
+    The call does not play its input; its VAD takes frames whenever they come. The buffer does
+    not cover losses either: a missing packet stalls it until 16 more have arrived.
+    """
+
+    capacity = 16
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def add(self, packet: Any) -> tuple[bool, Any]:
+        """``(picture lost?, encoded frame or None)``, as aiortc's ``JitterBuffer.add``."""
+        from aiortc.jitterbuffer import JitterFrame
+
+        sequence = int(packet.sequence_number)
+        if self._last is not None and not 0 < (sequence - self._last) % 65536 < 32768:
+            return False, None
+        self._last = sequence
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+
+_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+_missing_buffer_logged = False
+
+
+def unbuffer_input(pc: Any) -> bool:
+    """Give ``pc``'s audio receivers an ``ArrivalOrderBuffer``; call before media flows (the
+    answer not yet sent). False (logged once) when this aiortc keeps its buffer elsewhere."""
+    global _missing_buffer_logged
+    done = False
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind != "audio" or receiver is None:
+            continue
+        if not hasattr(receiver, _JITTER_BUFFER):
+            if not _missing_buffer_logged:
+                _missing_buffer_logged = True
+                logger.warning(
+                    "aiortc's receiver has no %s: WebRTC input keeps its 80 ms buffer",
+                    _JITTER_BUFFER,
+                )
+            return False
+        setattr(receiver, _JITTER_BUFFER, ArrivalOrderBuffer())
+        done = True
+    return done
+
+
 async def answer_offer(
     mixin: Any,
     body: dict[str, Any],
@@ -121,10 +178,12 @@ async def answer_offer(
     *,
     on_closed: Callable[[Any], None],
     answer: OfferAnswerer | None = None,
+    low_latency: bool = True,
 ) -> dict[str, Any]:
     """FastRTC's answer to a checked offer; ``on_closed(handler)`` runs once when the connection
     is over (closed, failed, or never connected). Raises OfferError and leaves nothing behind
-    when FastRTC fails or refuses."""
+    when FastRTC fails or refuses. ``low_latency``: ``unbuffer_input``, and a handler with
+    ``tune_for_webrtc`` is tuned (its track starts only once the caller has the answer)."""
     webrtc_id = body["webrtc_id"]
     answer = answer or mixin.handle_offer
 
@@ -150,6 +209,10 @@ async def answer_offer(
     if pc is None:  # closed while we answered
         on_closed(handler)
         return reply
+    if low_latency:
+        unbuffer_input(pc)
+        if hasattr(handler, "tune_for_webrtc"):
+            handler.tune_for_webrtc()
     done = False
 
     def finish() -> None:
@@ -414,6 +477,7 @@ async def serve_websocket(
 
 
 __all__ = [
+    "ArrivalOrderBuffer",
     "OfferError",
     "WebSocketCall",
     "answer_offer",
@@ -425,4 +489,5 @@ __all__ = [
     "guard_component_offers",
     "open_entries",
     "serve_websocket",
+    "unbuffer_input",
 ]

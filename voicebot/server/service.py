@@ -627,7 +627,12 @@ class VoiceService:
 
         try:
             reply = await rtc.answer_offer(
-                mixin, body, set_outputs, on_closed=on_closed, answer=answer
+                mixin,
+                body,
+                set_outputs,
+                on_closed=on_closed,
+                answer=answer,
+                low_latency=self.settings.rtc_low_latency,
             )
         except rtc.OfferError as e:
             line.release()

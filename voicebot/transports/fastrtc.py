@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
+import numpy as np
 import scipy.signal  # noqa: F401  (resampling: load it with the handler, not on the first reply)
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 
-from voicebot.audio import Audio
+from voicebot.audio import Audio, Samples
 from voicebot.call.clock import Clock
 from voicebot.call.events import AudioOut, CallOutput, CloseCall
 from voicebot.call.playout import OUTPUT_RATE
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 EMIT_WAIT_S = 0.01
 """Longest ``emit`` blocks for something to hand out."""
+OPUS_RATE = 48000
+"""What a WebRTC track carries: audio handed to FastRTC at another rate is resampled by
+aiortc's Opus encoder, whose resampler holds each frame back until the next (20 ms)."""
 PAGE_INPUT_WAIT_S = 5.0
 
 
@@ -72,6 +76,8 @@ class VoiceHandler(StreamHandler):
         )
         self.call.on_interrupt = self._interrupted
         self.call.on_end = self._call_over
+        self._upsample: FrameUpsampler | None = None
+        self._own_resampler = False  # resample the caller's audio as it comes (not FastRTC's)
         self.on_interrupt: Callable[[], None] | None = None
         """Called (on the call's policy thread) when the agent is stopped mid-reply: a
         transport drops the audio it still holds for the client (Twilio's ``clear``)."""
@@ -139,6 +145,34 @@ class VoiceHandler(StreamHandler):
         self._watch_websocket()
         self.call.start()
 
+    def tune_for_webrtc(self) -> None:
+        """For a WebRTC connection, before its track starts (FastRTC reads the rates then):
+        hand audio out at Opus's 48 kHz, upsampled here frame by frame, and take the caller's
+        audio frame by frame as it comes."""
+        if self.output_sample_rate != OPUS_RATE:
+            self._upsample = FrameUpsampler(OUTPUT_RATE, OPUS_RATE)
+            self.output_sample_rate = OPUS_RATE
+            self.output_frame_size = OPUS_RATE // 50
+        self._own_resampler = True
+
+    def resample(self, frame: Any) -> Generator[Any, None, None]:
+        """FastRTC's input resampling (its audio track calls this); once tuned for WebRTC, each
+        frame's samples as it comes: FastRTC's own keeps the input frame's sample count at the
+        output rate (960 samples, 60 ms at 16 kHz), so the call would hear the caller in 60 ms
+        batches (and a fixed frame size would hold each frame back for the resampler's delay)."""
+        if not self._own_resampler:
+            yield from super().resample(frame)
+            return
+        if self._resampler is None:
+            import av
+
+            self._resampler = av.AudioResampler(  # type: ignore[assignment]
+                format="s16",
+                layout=self.expected_layout,
+                rate=self.input_sample_rate,
+            )
+        yield from self._resampler.resample(frame)  # type: ignore[attr-defined]
+
     def _wait_for_page_inputs(self, timeout_s: float = PAGE_INPUT_WAIT_S) -> bool:
         """Ask the page for its inputs (persona, conversation); a client that never answers
         (an API-only WebRTC client) gets the default persona instead of a stuck call."""
@@ -188,7 +222,10 @@ class VoiceHandler(StreamHandler):
 
     def emit(self) -> Any:
         """The next 20 ms of agent audio when due, an update for the page, or None."""
-        return to_fastrtc(self.call.next_output(EMIT_WAIT_S))
+        output = self.call.next_output(EMIT_WAIT_S)
+        if self._upsample is not None and isinstance(output, AudioOut):
+            return self._upsample.rate, self._upsample(output.samples)
+        return to_fastrtc(output)
 
     def shutdown(self) -> None:
         """The client went away (or the server stops): end the call now. Idempotent."""
@@ -216,6 +253,32 @@ class VoiceHandler(StreamHandler):
         # The call ended on its own (its goodbye, a closed websocket): run the shutdown hooks
         # (a server's line accounting) as when FastRTC ends it; they run again harmlessly.
         self.shutdown()
+
+
+class FrameUpsampler:
+    """Consecutive frames to an integer multiple of their rate, each on its own: a frame of
+    ``n`` samples gives exactly ``n * factor``, lagging the input by ``LAG`` samples (0.7 ms
+    at 24 kHz) rather than by a frame, with no seam between frames."""
+
+    LAG = 16
+    """Input samples held back: at least the polyphase filter's half-length (10 here)."""
+    _HISTORY = 2 * LAG
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        if to_rate % from_rate:
+            raise ValueError(f"{to_rate} Hz is not a multiple of {from_rate} Hz")
+        self.rate = to_rate
+        self._factor = to_rate // from_rate
+        self._history = np.zeros(self._HISTORY, np.float32)
+
+    def __call__(self, samples: Samples) -> Samples:
+        from scipy.signal import resample_poly
+
+        joined = np.concatenate([self._history, samples.astype(np.float32, copy=False)])
+        self._history = joined[-self._HISTORY :]
+        start = (self._HISTORY - self.LAG) * self._factor
+        out = resample_poly(joined, self._factor, 1)[start : start + samples.size * self._factor]
+        return np.asarray(out, np.float32)
 
 
 def to_fastrtc(output: CallOutput | None) -> Any:
