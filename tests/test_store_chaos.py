@@ -284,12 +284,11 @@ def test_lost_turns_reach_the_metric(tmp_path: Path, caplog) -> None:
 
 def test_a_stalled_database_leaves_no_gap_in_the_reply_audio(pg_dsn: str, tmp_path: Path) -> None:
     """A call on FastRTC's websocket (the real served app and audio path, fakes at the model
-    seams) whose turn log (store, feed, readiness) goes through a proxy. One turn with the
+    seams) whose turn log (store, feed, readiness) goes through a proxy. Two turns with the
     database healthy, then the proxy stops forwarding (a hung database: connections open,
-    nothing answers) for two turns: the first one's record waits on the database while the
-    second reply plays. The largest gap between reply frames as the caller receives them stays
-    within 200 ms of the healthy reply's largest (same run), every reply is heard, and once
-    the database answers again every turn is stored."""
+    nothing answers) while the next two turns are recorded and replies play. The largest gap
+    between reply frames as the caller receives them stays within 200 ms of the healthy
+    replies' largest (same run); once the database answers again every turn is stored once."""
     import asyncio
     import dataclasses
 
@@ -312,7 +311,7 @@ def test_a_stalled_database_leaves_no_gap_in_the_reply_audio(pg_dsn: str, tmp_pa
             base,
             store=store,
             stacks={
-                name: dataclasses.replace(stack, synthesizer=fakes.ToneSynthesizer(0.015))
+                name: dataclasses.replace(stack, synthesizer=fakes.ToneSynthesizer(0.02))
                 for name, stack in base.stacks.items()
             },
         )
@@ -328,11 +327,13 @@ def test_a_stalled_database_leaves_no_gap_in_the_reply_audio(pg_dsn: str, tmp_pa
             client = await FastRTCSocket(f"{live.ws}/websocket/offer").open()
             await client.start()
             await client.speak(fakes.silence(1.0))  # the greeting
-            healthy = [await measured_turn(client, question, "healthy", quiet_s=0.6)]
+            healthy = [
+                await measured_turn(client, question, f"healthy {i}", quiet_s=0.8) for i in (1, 2)
+            ]
             proxy.stall()
             try:
                 stalled = [
-                    await measured_turn(client, question, f"stalled {i}", quiet_s=0.6)
+                    await measured_turn(client, question, f"stalled {i}", quiet_s=0.8)
                     for i in (1, 2)
                 ]
             finally:
