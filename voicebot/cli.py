@@ -359,7 +359,6 @@ def serve(
         host=settings.host,
         port=settings.port,
         drain_timeout_s=settings.drain_timeout_s,
-        malloc_arena_max=settings.malloc_arena_max,
     )
 
 

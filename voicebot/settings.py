@@ -173,9 +173,6 @@ class Settings(BaseSettings):
     drain_timeout_s: float = 60.0
     """On SIGTERM, how long calls in progress may go on before the persona's goodbye ends them
     [VOICEBOT_DRAIN_TIMEOUT_S]; meanwhile no new call is admitted and /readyz answers 503."""
-    malloc_arena_max: int = Field(default=2, ge=0)
-    """glibc malloc arenas in ``voicebot serve`` (0: glibc's default, 8 per core, or
-    MALLOC_ARENA_MAX) [VOICEBOT_MALLOC_ARENA_MAX]; see docs/serving.md, "Churn soak"."""
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the API (JSON list); empty = CORS off
     [VOICEBOT_CORS_ORIGINS]."""

@@ -12,7 +12,6 @@ A second SIGTERM, or SIGINT, is uvicorn's usual immediate shutdown.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
 import threading
@@ -95,31 +94,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-_M_ARENA_MAX = -8  # glibc's malloc.h
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Cap glibc's malloc arenas at ``arenas`` for this process; False where the C library
-    has no ``mallopt`` (not glibc) or refuses.
-
-    Every reply runs on threads of its own, and glibc gives new threads arenas of their own
-    (up to 8 per core), each keeping its peak: in the churn soak the served process grew
-    1.6-6.8 MB/min per call with the default and shrank with 2 (docs/serving.md).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas))
-
-
-def run(
-    app: Any, *, host: str, port: int, drain_timeout_s: float, malloc_arena_max: int = 0
-) -> None:
-    """Serve ``app`` until SIGTERM (drained) or SIGINT; ``malloc_arena_max`` > 0 caps glibc's
-    malloc arenas first (see ``limit_malloc_arenas``)."""
-    if malloc_arena_max > 0 and not limit_malloc_arenas(malloc_arena_max):
-        logger.info("cannot limit malloc arenas here (not glibc)")
+def run(app: Any, *, host: str, port: int, drain_timeout_s: float) -> None:
+    """Serve ``app`` until SIGTERM (drained) or SIGINT."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -132,4 +108,4 @@ def run(
     server.wait_for_call_threads(CALL_THREADS_WAIT_S)
 
 
-__all__ = ["DrainingServer", "limit_malloc_arenas", "run"]
+__all__ = ["DrainingServer", "run"]
