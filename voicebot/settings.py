@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     """Where STT (and piper, when CUDA) runs [VOICEBOT_DEVICE]."""
     stt_compute_type: str = "auto"
     """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
-    stt_cpu_threads: int = 0
-    """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
+    stt_cpu_threads: int = Field(default=0, ge=0)
+    """CPU threads per transcription; 0 = the cores divided among the STT workers
+    (voicebot.cpu.thread_plan) [VOICEBOT_STT_CPU_THREADS]."""
+    stt_workers: int = Field(default=0, ge=0)
+    """Transcriptions run at the same time (CTranslate2 workers), shared by all calls; 0 = one
+    per core, at most 4 [VOICEBOT_STT_WORKERS]."""
     stt_short_window: bool = False
     """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
     falling back to the full window when the transcript looks degenerate
@@ -89,6 +93,9 @@ class Settings(BaseSettings):
     # --- speech synthesis
     tts_voice: str | None = None
     """Piper voice name or local .onnx path, overriding the persona's [VOICEBOT_TTS_VOICE]."""
+    tts_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads of a piper voice on CPU; 0 = half the cores, at least 1
+    (voicebot.cpu.thread_plan) [VOICEBOT_TTS_THREADS]."""
 
     # --- language model
     ollama_host: str = Field(
