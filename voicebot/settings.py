@@ -85,10 +85,10 @@ class Settings(BaseSettings):
     per core, at most 4 [VOICEBOT_STT_WORKERS]."""
     stt_short_window: bool = False
     """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
-    falling back to the full window when the transcript looks degenerate
-    [VOICEBOT_STT_SHORT_WINDOW]. Off by default: with tiny.en it sometimes hears another
-    word where the full window does not ("capital of France" → "friends" in the test calls);
-    see docs/benchmarks.md."""
+    falling back to the full window when the transcript looks degenerate; 3-10x faster
+    [VOICEBOT_STT_SHORT_WINDOW]. Off by default: tiny.en then hears some rare words
+    differently from the full window ("Eiffel" as "Eival", "France" as "friends"), whatever
+    the padding; see docs/benchmarks.md, "STT: variable-length whisper encoding"."""
 
     # --- speech synthesis
     tts_voice: str | None = None
