@@ -26,9 +26,9 @@ from voicebot.settings import Settings
     [
         (None, ThreadPlan(stt_workers=1, stt_threads=1, tts_threads=1)),
         (1, ThreadPlan(stt_workers=1, stt_threads=1, tts_threads=1)),
-        (2, ThreadPlan(stt_workers=2, stt_threads=1, tts_threads=1)),
-        (3, ThreadPlan(stt_workers=3, stt_threads=1, tts_threads=1)),
-        (4, ThreadPlan(stt_workers=4, stt_threads=1, tts_threads=2)),
+        (2, ThreadPlan(stt_workers=1, stt_threads=2, tts_threads=1)),
+        (3, ThreadPlan(stt_workers=1, stt_threads=3, tts_threads=1)),
+        (4, ThreadPlan(stt_workers=2, stt_threads=2, tts_threads=2)),
         (8, ThreadPlan(stt_workers=4, stt_threads=2, tts_threads=4)),
         (16, ThreadPlan(stt_workers=4, stt_threads=4, tts_threads=8)),
     ],
@@ -41,8 +41,8 @@ def test_thread_plan_from_the_core_count(cores: int | None, plan: ThreadPlan) ->
 
 
 def test_thread_plan_overrides() -> None:
-    assert thread_plan(2, stt_workers=1) == ThreadPlan(1, 2, 1)
-    assert thread_plan(2, stt_threads=4) == ThreadPlan(2, 4, 1)
+    assert thread_plan(2, stt_workers=2) == ThreadPlan(2, 1, 1)
+    assert thread_plan(2, stt_threads=4) == ThreadPlan(1, 4, 1)
     assert thread_plan(8, stt_workers=2, stt_threads=3, tts_threads=5) == ThreadPlan(2, 3, 5)
     with pytest.raises(ConfigError, match="stt_workers"):
         thread_plan(2, stt_workers=-1)

@@ -5,7 +5,7 @@ Two things decide how a few calls on a few cores slow each other down:
 - **Threads per model.** Left to themselves, CTranslate2 runs every transcription on 4
   OpenMP threads per worker and onnxruntime on one thread per core, so two transcriptions
   and a synthesis on 2 cores are 10 busy threads fighting for 2 cores. ``thread_plan``
-  derives the counts from the number of cores instead: as many whisper workers as cores (up
+  derives the counts from the number of cores instead: one whisper worker per two cores (up
   to 4), the cores split between them, and the speech synthesis (one sentence at a time, see
   below) on half the cores.
 - **Who synthesizes first.** A voice synthesizes one sentence at a time for all calls (its
@@ -59,10 +59,10 @@ def thread_plan(
     """Thread counts for ``cpu_count`` cores (``os.cpu_count()``; None counts as 1); a
     positive argument overrides the derived value, 0 derives it.
 
-    Derived: ``min(cores, 4)`` whisper workers with ``cores // workers`` threads each, so
-    whisper alone never runs more threads than there are cores, and the voice on
-    ``cores // 2`` threads (at least 1): it runs beside the transcriptions, one sentence at
-    a time.
+    Derived: one whisper worker per two cores (1 to 4) with ``cores // workers`` threads
+    each, so whisper alone never runs more threads than there are cores and a single call's
+    transcription still gets two cores; the voice on ``cores // 2`` threads (at least 1): it
+    runs beside the transcriptions, one sentence at a time.
     """
     for name, value in (
         ("stt_workers", stt_workers),
@@ -72,7 +72,7 @@ def thread_plan(
         if value < 0:
             raise ConfigError(f"{name} must be 0 (derive from the CPU count) or more, got {value}")
     cores = max(1, cpu_count or 1)
-    workers = stt_workers or min(cores, MAX_STT_WORKERS)
+    workers = stt_workers or min(max(1, cores // 2), MAX_STT_WORKERS)
     return ThreadPlan(
         stt_workers=workers,
         stt_threads=stt_threads or max(1, cores // workers),

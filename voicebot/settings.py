@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     (voicebot.cpu.thread_plan) [VOICEBOT_STT_CPU_THREADS]."""
     stt_workers: int = Field(default=0, ge=0)
     """Transcriptions run at the same time (CTranslate2 workers), shared by all calls; 0 = one
-    per core, at most 4 [VOICEBOT_STT_WORKERS]."""
+    per two cores, 1 to 4 [VOICEBOT_STT_WORKERS]."""
     stt_short_window: bool = False
     """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
     falling back to the full window when the transcript looks degenerate; 3-10x faster
