@@ -32,6 +32,12 @@ def tiny_en(tiny_en_model_dir: Path) -> WhisperTranscriber:
 
 
 @pytest.fixture(scope="module")
+def tiny_en_short(tiny_en_model_dir: Path) -> WhisperTranscriber:
+    """tiny.en with the (opt-in) short window."""
+    return WhisperTranscriber(str(tiny_en_model_dir), device="cpu", short_window=True)
+
+
+@pytest.fixture(scope="module")
 def base(base_multilingual_model_dir: Path) -> WhisperTranscriber:
     # Greedy decoding with base heard よやく as ようやく; a beam of 5 gets 予約.
     return WhisperTranscriber(str(base_multilingual_model_dir), device="cpu", beam_size=5)
@@ -175,16 +181,16 @@ def test_default_model_name() -> None:
 
 
 def test_short_window_transcribes_english(
-    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples]
+    tiny_en_short: WhisperTranscriber, english_speech: tuple[int, Samples]
 ) -> None:
-    result = tiny_en.decode(english_speech, "en", padding_s=SHORT_WINDOW_PADDING_S["en"])
+    result = tiny_en_short.decode(english_speech, "en", padding_s=SHORT_WINDOW_PADDING_S["en"])
     assert result.degenerate is None and not result.fell_back
     assert result.window_s == pytest.approx(7 + SHORT_WINDOW_PADDING_S["en"], abs=0.05)
     text = result.text.lower()
     for word in ("open", "weight", "model", "million", "parameters"):
         assert word in text, text
-    # transcribe() takes the same path for English.
-    assert tiny_en.transcribe(english_speech, "en") == result.text
+    # transcribe() takes the same path for English when the short window is on.
+    assert tiny_en_short.transcribe(english_speech, "en") == result.text
 
 
 def test_short_window_is_faster_than_the_full_window(
@@ -246,7 +252,7 @@ class _LoopingWhisper(WhisperTranscriber):
 def test_injected_degenerate_decode_falls_back(
     tiny_en_model_dir: Path, english_speech: tuple[int, Samples]
 ) -> None:
-    looping = _LoopingWhisper(str(tiny_en_model_dir), device="cpu")
+    looping = _LoopingWhisper(str(tiny_en_model_dir), device="cpu", short_window=True)
     result = looping.decode(english_speech, "en", padding_s=1.0)
     assert result.fell_back and result.degenerate is not None
     assert "parameters" in result.text.lower()
@@ -306,10 +312,61 @@ def _corpus_clip(name: str) -> tuple[Samples, int]:
 
 
 def test_english_only_model_uses_the_short_window_without_a_language(
-    tiny_en: WhisperTranscriber, english_speech: tuple[int, Samples], caplog
+    tiny_en_short: WhisperTranscriber, english_speech: tuple[int, Samples], caplog
 ) -> None:
     import logging
 
     caplog.set_level(logging.DEBUG, logger="voicebot.stt")
-    assert "parameters" in tiny_en.transcribe(english_speech).lower()
+    assert "parameters" in tiny_en_short.transcribe(english_speech).lower()
     assert any("short window" in r.getMessage() for r in caplog.records)
+
+
+# --- the default window hears what the test calls say
+
+
+@pytest.fixture(scope="module")
+def france_as_a_call_cuts_it(joe_voice_path: Path) -> Samples:
+    """ "What is the capital of France?" in the piper joe voice without sampling noise (so the
+    same audio every run), fed to the turn detector as a call feeds it: 20 ms frames at the
+    voice's 22.05 kHz, each resampled to 16 kHz on its own, the speech starting 294 samples
+    into a frame; the turn the detector closes."""
+    from piper import PiperVoice, SynthesisConfig
+
+    from voicebot.turns import TurnConfig, TurnDetector, UserTurn
+    from voicebot.vad import SileroVad
+
+    voice = PiperVoice.load(joe_voice_path)
+    quiet = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    chunks = list(voice.synthesize("What is the capital of France?", syn_config=quiet))
+    rate = chunks[0].sample_rate
+    speech = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    audio = np.concatenate(
+        (np.zeros(rate // 2 + 294, np.float32), speech, np.zeros(rate, np.float32))
+    )
+    frame = round(rate * 0.02)
+    detector = TurnDetector(TurnConfig(), SileroVad().stream())
+    turns = [
+        event
+        for start in range(0, audio.size - frame, frame)
+        for event in detector.push(resample(audio[start : start + frame], rate, 16000))
+        if isinstance(event, UserTurn)
+    ]
+    assert len(turns) == 1
+    return turns[0].audio
+
+
+def test_default_setting_hears_france_where_the_short_window_heard_friends(
+    tiny_en_model_dir: Path, france_as_a_call_cuts_it: Samples
+) -> None:
+    """The test calls' failure: tiny.en's short window (+1 s) hears this clip as "the
+    capital of friends" (not degenerate, so no fallback); the full window, the default,
+    hears "France"."""
+    from voicebot.settings import Settings
+
+    default = WhisperTranscriber(
+        str(tiny_en_model_dir), device="cpu", short_window=Settings().stt_short_window
+    )
+    clip = (16000, france_as_a_call_cuts_it)
+    assert default.transcribe(clip, "en") == "What is the capital of France?"
+    short = default.decode(clip, "en", padding_s=SHORT_WINDOW_PADDING_S["en"])
+    assert short.degenerate is None and "France" not in short.text, short.text

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,55 @@ def test_piper_is_usable_from_several_threads(piper_joe: PiperSynthesizer) -> No
         t.join()
     assert not errors
     assert len(results) == 3 and all(v > 0.02 for v in results.values())
+
+
+def test_piper_on_a_set_number_of_threads(
+    joe_voice_path: Path, piper_joe: PiperSynthesizer, tmp_path: Path
+) -> None:
+    one = PiperSynthesizer(str(joe_voice_path), voices_dir=tmp_path, threads=1)
+    options = one._voice.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert one.sample_rate == piper_joe.sample_rate
+    text = "The same voice on one thread."
+    (rate, ours), (_, default) = (next(iter(s.synthesize(text))) for s in (one, piper_joe))
+    assert rate == 22050 and abs(ours.size - default.size) < 0.05 * default.size
+    assert rms(ours) > 0.02
+
+
+def test_piper_lets_a_first_chunk_jump_the_queue(
+    piper_joe: PiperSynthesizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sentences of replies already playing wait while a reply's first chunk synthesizes."""
+    from voicebot.cpu import FIRST_CHUNK, LATER_CHUNK, synthesis_priority
+
+    order: list[str] = []
+    piper = piper_joe._voice.synthesize
+
+    def recording(text: str, syn_config: object = None) -> Iterator[object]:
+        order.append(text)  # runs inside the gate, when the first sentence is asked for
+        yield from piper(text, syn_config=syn_config)
+
+    monkeypatch.setattr(piper_joe._voice, "synthesize", recording)
+    gate = piper_joe._gate
+    gate.acquire(FIRST_CHUNK)  # the voice is busy with another sentence
+
+    def speak(name: str, priority: int) -> None:
+        with synthesis_priority(priority):
+            list(piper_joe.synthesize(name))
+
+    later = threading.Thread(target=speak, args=("later", LATER_CHUNK))
+    later.start()
+    while gate.waiting() < 1:
+        time.sleep(0.001)
+    first = threading.Thread(target=speak, args=("first", FIRST_CHUNK))
+    first.start()
+    while gate.waiting() < 2:
+        time.sleep(0.001)
+    gate.release()
+    later.join(30)
+    first.join(30)
+    assert order == ["first", "later"]
 
 
 def test_piper_length_scale(joe_voice_path: Path, piper_joe: PiperSynthesizer, tmp_path) -> None:

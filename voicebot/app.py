@@ -79,6 +79,7 @@ def build_runtime(
 
     ``reservations``: the process's reservation book (one per process, see
     ``open_persistence``); None without a database, and the reservation tools say so."""
+    from voicebot.cpu import available_cores, thread_plan
     from voicebot.stt import WhisperTranscriber, default_model_name, resolve_device
     from voicebot.tts import VoiceBank
     from voicebot.vad import SileroVad
@@ -90,7 +91,13 @@ def build_runtime(
     vad = SileroVad()
     step("  VAD       Silero v6, loaded in %.1f s", time.monotonic() - loading)
     transcribers: dict[str, WhisperTranscriber] = {}
-    voices = VoiceBank(settings.voices_dir, settings.cache_dir)
+    plan = thread_plan(
+        available_cores(),
+        stt_workers=settings.stt_workers,
+        stt_threads=settings.stt_cpu_threads,
+        tts_threads=settings.tts_threads,
+    )
+    voices = VoiceBank(settings.voices_dir, settings.cache_dir, threads=plan.tts_threads)
     loaded_voices: set[tuple[str, str]] = set()
     chats = ChatFactory(settings)
     stacks: dict[str, PersonaStack] = {}
@@ -102,7 +109,8 @@ def build_runtime(
                 model,
                 device=settings.device,
                 compute_type=settings.stt_compute_type,
-                cpu_threads=settings.stt_cpu_threads,
+                cpu_threads=plan.stt_threads,
+                num_workers=plan.stt_workers,
                 short_window=settings.stt_short_window,
             )
             step(

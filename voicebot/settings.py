@@ -77,18 +77,25 @@ class Settings(BaseSettings):
     """Where STT (and piper, when CUDA) runs [VOICEBOT_DEVICE]."""
     stt_compute_type: str = "auto"
     """CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU [VOICEBOT_STT_COMPUTE_TYPE]."""
-    stt_cpu_threads: int = 0
-    """CPU threads per transcription, 0 = CTranslate2's default [VOICEBOT_STT_CPU_THREADS]."""
+    stt_cpu_threads: int = Field(default=0, ge=0)
+    """CPU threads per transcription; 0 = the cores divided among the STT workers
+    (voicebot.cpu.thread_plan) [VOICEBOT_STT_CPU_THREADS]."""
+    stt_workers: int = Field(default=0, ge=0)
+    """Transcriptions run at the same time (CTranslate2 workers), shared by all calls; 0 = one
+    per two cores, 1 to 4 [VOICEBOT_STT_WORKERS]."""
     stt_short_window: bool = False
     """Decode only the utterance plus a measured padding instead of whisper's 30 s window,
-    falling back to the full window when the transcript looks degenerate
-    [VOICEBOT_STT_SHORT_WINDOW]. Off by default: with tiny.en it sometimes hears another
-    word where the full window does not ("capital of France" → "friends" in the test calls);
-    see docs/benchmarks.md."""
+    falling back to the full window when the transcript looks degenerate; 3-10x faster
+    [VOICEBOT_STT_SHORT_WINDOW]. Off by default: tiny.en then hears some rare words
+    differently from the full window ("Eiffel" as "Eival", "France" as "friends"), whatever
+    the padding; see docs/benchmarks.md, "STT: variable-length whisper encoding"."""
 
     # --- speech synthesis
     tts_voice: str | None = None
     """Piper voice name or local .onnx path, overriding the persona's [VOICEBOT_TTS_VOICE]."""
+    tts_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads of a piper voice on CPU; 0 = half the cores, at least 1
+    (voicebot.cpu.thread_plan) [VOICEBOT_TTS_THREADS]."""
 
     # --- language model
     ollama_host: str = Field(

@@ -5,13 +5,18 @@ The model is loaded once, in the constructor, and shared by every call; faster-w
 different threads. ``transcribe`` blocks (it consumes faster-whisper's lazy segment
 generator), so call it from a worker thread, never on the event loop.
 
-Short window: faster-whisper pads every clip to whisper's 30 s window, so a two-second turn
-costs as much encoder time as a thirty-second one. CTranslate2's whisper ``encode`` and
-``generate`` accept shorter features, so for a language with a measured padding
-(``SHORT_WINDOW_PADDING_S``) the utterance's features plus that much silence are decoded
-instead. Too little padding makes whisper loop or stop early; such a degenerate transcript
-(see ``degenerate_reason``) is thrown away and the clip is transcribed again with the full
-window. This module is the only one that touches faster-whisper's model internals.
+Short window (off in the app unless ``VOICEBOT_STT_SHORT_WINDOW`` is set): faster-whisper
+pads every clip to whisper's 30 s window, so a two-second turn costs as much encoder time as a
+thirty-second one. CTranslate2's whisper ``encode`` and ``generate`` accept shorter features,
+so for a language with a measured padding (``SHORT_WINDOW_PADDING_S``) the utterance's
+features plus that much silence can be decoded instead. Too little padding makes whisper loop
+or stop early; such a degenerate transcript (see ``degenerate_reason``) is thrown away and the
+clip is transcribed again with the full window. It stays opt-in because it also changes words
+that are not degenerate: every speech frame's encoder state attends to the padding too, so
+the short window's states differ from the full window's whatever the padding length, and
+tiny.en then hears a rare word differently ("Eiffel" as "Eival", "France" as "friends");
+docs/benchmarks.md has the measurements. This module is the only one that touches
+faster-whisper's model internals.
 """
 
 from __future__ import annotations
@@ -172,7 +177,9 @@ class WhisperTranscriber:
         short_window_padding_s: Mapping[str, float] = SHORT_WINDOW_PADDING_S,
     ) -> None:
         """``short_window``: decode only the utterance plus ``short_window_padding_s`` of
-        silence for the languages that table names (the module docstring says why)."""
+        silence for the languages that table names (the module docstring says why). The app
+        passes ``VOICEBOT_STT_SHORT_WINDOW``, off by default; evaluations that want speed
+        over the last word of accuracy keep this default."""
         try:
             from faster_whisper import WhisperModel, available_models
         except ModuleNotFoundError as e:
@@ -226,12 +233,14 @@ class WhisperTranscriber:
         # English-only (.en) checkpoints cannot transcribe or detect anything else.
         self.multilingual = bool(self._model.model.is_multilingual)
         logger.info(
-            "whisper %s loaded on %s/%s in %.2f s (multilingual=%s)",
+            "whisper %s loaded on %s/%s in %.2f s (multilingual=%s, %d workers x %s threads)",
             self.name,
             resolved,
             compute,
             time.perf_counter() - started,
             self.multilingual,
+            num_workers,
+            cpu_threads or "default",
         )
 
     def warm_up(self) -> None:

@@ -11,6 +11,7 @@ Both stream: ``synthesize`` yields audio sentence by sentence so playback can st
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from voicebot.audio import MonoAudio
+from voicebot.cpu import PriorityGate, current_synthesis_priority
 from voicebot.errors import ConfigError, StageError
 
 if TYPE_CHECKING:
@@ -161,6 +163,24 @@ def resolve_piper_voice(voice: str, voices_dir: Path, *, download: bool = True) 
     return path
 
 
+def _load_piper_on_cpu(model: Path, threads: int) -> PiperVoice:
+    """``PiperVoice.load`` on CPU, with ``threads`` intra-op threads that sleep rather than
+    spin between operators (the cores are shared with the other calls' stages)."""
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    config = json.loads(Path(f"{model}.json").read_text(encoding="utf-8"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(
+        str(model), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    return PiperVoice(config=PiperConfig.from_dict(config), session=session)
+
+
 class PiperSynthesizer:
     """A piper voice, loaded once; yields one piece of audio per sentence."""
 
@@ -171,7 +191,10 @@ class PiperSynthesizer:
         voices_dir: Path,
         use_cuda: bool = False,
         length_scale: float | None = None,
+        threads: int = 0,
     ) -> None:
+        """``threads``: onnxruntime intra-op threads on CPU (0: one per core, piper's own
+        session); see ``voicebot.cpu.thread_plan``."""
         try:
             from piper import PiperVoice, SynthesisConfig
         except ModuleNotFoundError as e:
@@ -179,7 +202,11 @@ class PiperSynthesizer:
         model = resolve_piper_voice(voice, voices_dir)
         started = time.perf_counter()
         try:
-            self._voice: PiperVoice = PiperVoice.load(model, use_cuda=use_cuda)
+            self._voice: PiperVoice = (
+                _load_piper_on_cpu(model, threads)
+                if threads > 0 and not use_cuda
+                else PiperVoice.load(model, use_cuda=use_cuda)
+            )
         except Exception as e:
             raise ConfigError(
                 f"Could not load piper voice {model} ({e}): check {_VOICE_SETTING}"
@@ -189,9 +216,9 @@ class PiperSynthesizer:
         self.name = f"piper:{model.stem}"
         self.sample_rate: int = int(self._voice.config.sample_rate)
         # The ONNX session is thread-safe, but a phonemizer may not be (the Japanese one is
-        # created lazily on the voice); one sentence at a time costs nothing on CPU, where
-        # onnxruntime already uses every core.
-        self._lock = threading.Lock()
+        # created lazily on the voice): one sentence at a time, a reply's first sentence
+        # before the later ones of other replies (voicebot.cpu).
+        self._gate = PriorityGate()
 
     def warm_up(self) -> None:
         """Run one short synthesis so the first real reply does not pay for initialisation."""
@@ -205,14 +232,14 @@ class PiperSynthesizer:
             return
         pieces = iter(self._voice.synthesize(text, syn_config=self._config))
         while True:
-            if not _take_voice(self._lock):
-                return  # cancelled while another call had the voice
+            if not self._gate.acquire(current_synthesis_priority(), _CANCEL.get()):
+                return  # cancelled while other replies had the voice
             try:
                 chunk = next(pieces, None)
             except Exception as e:
                 raise StageError("tts", f"{self.name} failed on {text[:60]!r}: {e}") from e
             finally:
-                self._lock.release()
+                self._gate.release()
             if chunk is None:
                 return
             samples = np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
@@ -433,10 +460,14 @@ Backend = Literal["piper", "kokoro-ja"]
 class VoiceBank:
     """Synthesizers per (backend, voice), each loaded once per process and shared (thread-safe)."""
 
-    def __init__(self, voices_dir: Path, cache_dir: Path, use_cuda: bool = False) -> None:
+    def __init__(
+        self, voices_dir: Path, cache_dir: Path, use_cuda: bool = False, threads: int = 0
+    ) -> None:
+        """``threads``: onnxruntime intra-op threads of each piper voice (0: one per core)."""
         self.voices_dir = voices_dir
         self.cache_dir = cache_dir
         self.use_cuda = use_cuda
+        self.threads = threads
         self._voices: dict[tuple[str, str], Synthesizer] = {}
         # Held while loading too, so two calls asking for a new voice load it once.
         self._lock = threading.Lock()
@@ -451,7 +482,7 @@ class VoiceBank:
             synthesizer: Synthesizer
             if backend == "piper":
                 synthesizer = PiperSynthesizer(
-                    voice, voices_dir=self.voices_dir, use_cuda=self.use_cuda
+                    voice, voices_dir=self.voices_dir, use_cuda=self.use_cuda, threads=self.threads
                 )
             elif backend == "kokoro-ja":
                 synthesizer = KokoroJaSynthesizer(voice, cache_dir=self.cache_dir)

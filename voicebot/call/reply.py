@@ -47,6 +47,7 @@ from voicebot.call.mailbox import Closed, Mailbox
 from voicebot.call.playout import OUTPUT_RATE, Playout
 from voicebot.chunking import Chunker
 from voicebot.conversation import Message, ToolCallRecord, Turn
+from voicebot.cpu import FIRST_CHUNK, LATER_CHUNK, synthesis_priority
 from voicebot.errors import StageError
 from voicebot.llm import ToolChatModel
 from voicebot.runtime import PersonaStack
@@ -307,7 +308,9 @@ class ReplyStages:
                         # the TTS work waits for the turn, so a dropped reply wastes little CPU.
                         if item[0] > 0 and not self._until_confirmed(reply):
                             continue
-                        self._synthesize(reply, stack, *item)
+                        # a caller waits in silence for chunk 0: it synthesizes first (cpu.py)
+                        with synthesis_priority(FIRST_CHUNK if item[0] == 0 else LATER_CHUNK):
+                            self._synthesize(reply, stack, *item)
             finally:
                 self._post(ReplyProduced(reply.id))
 
