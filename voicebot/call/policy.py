@@ -581,11 +581,13 @@ class CallPolicy:
         reply.speech_end_t, reply.closed_t, reply.user_audio = speech_end_t, closed_t, audio
         self.record.number(turn)
         self._reply = reply
+        self._inherit_acknowledgement(reply)
         self.preemptive_played += 1
         assert pre.answered_at is not None
         self.preemptive_head_start_ms += max(0.0, closed_t - pre.answered_at) * 1000
         reply.confirm()
         self._playout.release(reply.id)
+        self._schedule_acknowledgement(reply)  # its first audio may still be on the way
         logger.debug("turn confirmed: the preemptive reply plays")
         self._maybe_done(reply.id)  # it may have been produced with no audio at all
         return True
