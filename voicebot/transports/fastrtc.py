@@ -28,8 +28,12 @@ from voicebot.vad import VAD_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-EMIT_WAIT_S = 0.01
-"""Longest ``emit`` blocks for something to hand out."""
+EMIT_WAIT_S = 0.1
+"""Longest ``emit`` blocks for something to hand out (it returns as soon as something is due).
+FastRTC's websocket transport queues every result of ``emit``, ``None`` included, and sends
+one item per 20 ms: an ``emit`` that gave up after 10 ms flooded that queue with ``None`` while
+the agent was silent (every idle second put the next reply 0.5 s later) and halved the pace of
+a reply (a ``None`` between frames)."""
 PAGE_INPUT_WAIT_S = 5.0
 
 
