@@ -28,12 +28,15 @@ from voicebot.vad import VAD_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-EMIT_WAIT_S = 0.1
-"""Longest ``emit`` blocks for something to hand out (it returns as soon as something is due).
-FastRTC's websocket transport queues every result of ``emit``, ``None`` included, and sends
-one item per 20 ms: an ``emit`` that gave up after 10 ms flooded that queue with ``None`` while
-the agent was silent (every idle second put the next reply 0.5 s later) and halved the pace of
-a reply (a ``None`` between frames)."""
+EMIT_WAIT_S = 0.01
+"""Longest ``emit`` blocks for something to hand out (WebRTC: FastRTC calls it on its shared
+executor)."""
+WEBSOCKET_EMIT_WAIT_S = 0.1
+"""The same on FastRTC's websocket (``emit`` returns as soon as something is due). That
+transport queues every result of ``emit``, ``None`` included, and sends one item per 20 ms:
+an ``emit`` that gave up after 10 ms flooded the queue with ``None`` while the agent was silent
+(every idle second put the next reply 0.5 s later) and halved a reply's pace (a ``None``
+between frames)."""
 PAGE_INPUT_WAIT_S = 5.0
 
 
@@ -76,6 +79,7 @@ class VoiceHandler(StreamHandler):
         )
         self.call.on_interrupt = self._interrupted
         self.call.on_end = self._call_over
+        self._emit_wait_s: float | None = None  # chosen at the first emit, by transport
         self.on_interrupt: Callable[[], None] | None = None
         """Called (on the call's policy thread) when the agent is stopped mid-reply: a
         transport drops the audio it still holds for the client (Twilio's ``clear``)."""
@@ -192,7 +196,9 @@ class VoiceHandler(StreamHandler):
 
     def emit(self) -> Any:
         """The next 20 ms of agent audio when due, an update for the page, or None."""
-        return to_fastrtc(self.call.next_output(EMIT_WAIT_S))
+        if self._emit_wait_s is None:
+            self._emit_wait_s = WEBSOCKET_EMIT_WAIT_S if _on_websocket() else EMIT_WAIT_S
+        return to_fastrtc(self.call.next_output(self._emit_wait_s))
 
     def shutdown(self) -> None:
         """The client went away (or the server stops): end the call now. Idempotent."""
@@ -252,3 +258,13 @@ def install_clear_queue(handler: Any, clear: Callable[[], None]) -> None:
     """What FastRTC's audio track does for a handler: give it the function that empties the
     queue of audio it holds for the client."""
     handler._clear_queue = clear
+
+
+def _on_websocket() -> bool:
+    """Whether this thread serves a connection on FastRTC's websocket transport."""
+    try:
+        from fastrtc.utils import get_current_context
+
+        return get_current_context().websocket is not None
+    except Exception:  # no connection context (a direct caller, a test)
+        return False
