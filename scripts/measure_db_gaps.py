@@ -184,9 +184,7 @@ def main() -> int:
     voice = PiperSynthesizer(args.tts_voice, voices_dir=Path(args.tts_voice).parent)
     pieces = list(voice.synthesize("What is the capital of France?"))
     spoken = np.concatenate([p for _, p in pieces]).astype(np.float32)
-    question = np.concatenate(
-        [resample(spoken, pieces[0][0], RATE), np.zeros(RATE // 2, np.float32)]
-    )
+    question = resample(spoken, pieces[0][0], RATE)
 
     class Answer(Script):
         def reply(self, messages: object) -> str:

@@ -1,10 +1,11 @@
 """Gaps in the agent's audio as a caller on FastRTC's websocket receives it, reply by reply.
 
 Used by ``tests/test_store_chaos.py`` and ``scripts/measure_db_gaps.py``. A turn: the caller
-asks (at real-time pace), keeps its microphone open (silence), and the reply's frames are
-timed on arrival. The reply runs from its first loud frame to its last one (it is over once
-nothing loud arrived for ``quiet_s``); its gaps are the times between consecutive frames
-within it, whatever they hold (a pause in speech is still a frame; a missing frame is a gap).
+asks (at real-time pace), keeps its microphone open (silence: the reply may start during
+it), and the reply's frames are timed on arrival. The reply runs from its first loud frame to
+its last one (it is over once nothing loud arrived for ``quiet_s``); its gaps are the times
+between consecutive frames within it, whatever they hold (a pause in speech is still a
+frame; a missing frame is a gap).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class ReplyGaps:
     p99_gap_ms: float = 0.0
     first_audio_s: float = 0.0
     """From the end of the question to the first loud frame."""
+    span_s: float = 0.0
+    """From its first frame's arrival to its last one's (real-time pace: frames × 20 ms)."""
     leftover_frames: int = 0
     """Loud frames that arrived while the caller was asking: the previous reply went on past
     ``quiet_s`` of silence (a gap longer than that splits a reply; this catches it)."""
@@ -60,7 +63,8 @@ async def measured_turn(
     quiet_s: float = 2.0,
     within_s: float = 30.0,
 ) -> ReplyGaps:
-    """Ask ``question`` (16 kHz float32, trailing silence included) and time the reply."""
+    """Say ``question`` (16 kHz float32 speech, no trailing silence), keep the microphone
+    open, and time the reply."""
     heard = client.heard
     before = len(heard.arrivals)
     await client.speak(question)
@@ -99,5 +103,6 @@ def reply_gaps(
         max_gap_ms=float(gaps.max()),
         p99_gap_ms=float(np.percentile(gaps, 99)),
         first_audio_s=float(heard.arrivals[first] - asked_at),
+        span_s=float(times[-1] - times[0]),
         leftover_frames=leftover,
     )

@@ -30,7 +30,14 @@ from voicebot.vad import VAD_SAMPLE_RATE
 logger = logging.getLogger(__name__)
 
 EMIT_WAIT_S = 0.01
-"""Longest ``emit`` blocks for something to hand out."""
+"""Longest ``emit`` blocks for something to hand out (WebRTC: FastRTC calls it on its shared
+executor)."""
+WEBSOCKET_EMIT_WAIT_S = 0.1
+"""The same on FastRTC's websocket (``emit`` returns as soon as something is due). That
+transport queues every result of ``emit``, ``None`` included, and sends one item per 20 ms:
+an ``emit`` that gave up after 10 ms flooded the queue with ``None`` while the agent was silent
+(every idle second put the next reply 0.5 s later) and halved a reply's pace (a ``None``
+between frames)."""
 OPUS_RATE = 48000
 """What a WebRTC track carries: audio handed to FastRTC at another rate is resampled by
 aiortc's Opus encoder, whose resampler holds each frame back until the next (20 ms)."""
@@ -78,6 +85,7 @@ class VoiceHandler(StreamHandler):
         self.call.on_end = self._call_over
         self._upsample: FrameUpsampler | None = None
         self._own_resampler = False  # resample the caller's audio as it comes (not FastRTC's)
+        self._emit_wait_s: float | None = None  # chosen at the first emit, by transport
         self.on_interrupt: Callable[[], None] | None = None
         """Called (on the call's policy thread) when the agent is stopped mid-reply: a
         transport drops the audio it still holds for the client (Twilio's ``clear``)."""
@@ -222,7 +230,9 @@ class VoiceHandler(StreamHandler):
 
     def emit(self) -> Any:
         """The next 20 ms of agent audio when due, an update for the page, or None."""
-        output = self.call.next_output(EMIT_WAIT_S)
+        if self._emit_wait_s is None:
+            self._emit_wait_s = WEBSOCKET_EMIT_WAIT_S if _on_websocket() else EMIT_WAIT_S
+        output = self.call.next_output(self._emit_wait_s)
         if self._upsample is not None and isinstance(output, AudioOut):
             return self._upsample.rate, self._upsample(output.samples)
         return to_fastrtc(output)
@@ -311,3 +321,13 @@ def install_clear_queue(handler: Any, clear: Callable[[], None]) -> None:
     """What FastRTC's audio track does for a handler: give it the function that empties the
     queue of audio it holds for the client."""
     handler._clear_queue = clear
+
+
+def _on_websocket() -> bool:
+    """Whether this thread serves a connection on FastRTC's websocket transport."""
+    try:
+        from fastrtc.utils import get_current_context
+
+        return get_current_context().websocket is not None
+    except Exception:  # no connection context (a direct caller, a test)
+        return False
