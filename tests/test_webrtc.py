@@ -269,10 +269,11 @@ asyncio.run(main(sys.argv[1]))
 
 
 def test_a_webrtc_caller_vanishing_mid_reply_ends_the_call_once_with_the_turn(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The client process is killed (no close, no BYE): FastRTC notices when ICE consent
-    expires (~30 s), and the call's end runs once with the turn in flight recorded."""
+    expires (30 s by default; ~5 s here, two checks 2 s apart), and the call's end runs once
+    with the turn in flight recorded."""
     import subprocess
     import sys
 
@@ -284,6 +285,8 @@ def test_a_webrtc_caller_vanishing_mid_reply_ends_the_call_once_with_the_turn(
     )
     from voicebot.server import create_app
 
+    monkeypatch.setattr("aioice.ice.CONSENT_INTERVAL", 2)
+    monkeypatch.setattr("aioice.ice.CONSENT_FAILURES", 2)
     store = CountingStore()
     # a minute of speech: still playing (to no one) when ICE consent runs out
     reply = " ".join(f"Sentence number {i} is here." for i in range(1, 230))
