@@ -422,6 +422,8 @@ async def serve_websocket(
     from starlette.websockets import WebSocketDisconnect
 
     handler.phone_mode = False
+    if hasattr(handler, "tune_for_websocket"):
+        handler.tune_for_websocket()
     call = WebSocketCall()
 
     async def set_handler(stream_id: str, ws_handler: Any) -> None:

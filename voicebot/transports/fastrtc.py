@@ -85,7 +85,7 @@ class VoiceHandler(StreamHandler):
         self.call.on_end = self._call_over
         self._upsample: FrameUpsampler | None = None
         self._own_resampler = False  # resample the caller's audio as it comes (not FastRTC's)
-        self._emit_wait_s: float | None = None  # chosen at the first emit, by transport
+        self._emit_wait_s = EMIT_WAIT_S
         self.on_interrupt: Callable[[], None] | None = None
         """Called (on the call's policy thread) when the agent is stopped mid-reply: a
         transport drops the audio it still holds for the client (Twilio's ``clear``)."""
@@ -152,6 +152,11 @@ class VoiceHandler(StreamHandler):
                 self.resume(args[1].strip())
         self._watch_websocket()
         self.call.start()
+
+    def tune_for_websocket(self) -> None:
+        """Before FastRTC's websocket transport starts calling ``emit``: wait longer for
+        something to hand out (see ``WEBSOCKET_EMIT_WAIT_S``)."""
+        self._emit_wait_s = WEBSOCKET_EMIT_WAIT_S
 
     def tune_for_webrtc(self) -> None:
         """For a WebRTC connection, before its track starts (FastRTC reads the rates then):
@@ -230,8 +235,6 @@ class VoiceHandler(StreamHandler):
 
     def emit(self) -> Any:
         """The next 20 ms of agent audio when due, an update for the page, or None."""
-        if self._emit_wait_s is None:
-            self._emit_wait_s = WEBSOCKET_EMIT_WAIT_S if _on_websocket() else EMIT_WAIT_S
         output = self.call.next_output(self._emit_wait_s)
         if self._upsample is not None and isinstance(output, AudioOut):
             return self._upsample.rate, self._upsample(output.samples)
@@ -321,13 +324,3 @@ def install_clear_queue(handler: Any, clear: Callable[[], None]) -> None:
     """What FastRTC's audio track does for a handler: give it the function that empties the
     queue of audio it holds for the client."""
     handler._clear_queue = clear
-
-
-def _on_websocket() -> bool:
-    """Whether this thread serves a connection on FastRTC's websocket transport."""
-    try:
-        from fastrtc.utils import get_current_context
-
-        return get_current_context().websocket is not None
-    except Exception:  # no connection context (a direct caller, a test)
-        return False
