@@ -47,9 +47,18 @@ class Scripted:
 class FakeTranscriber(Scripted):
     name = "fake-stt"
 
-    def __init__(self, texts: Sequence[str] = ("hello there",), delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        texts: Sequence[str] = ("hello there",),
+        delay_s: float = 0.05,
+        drafts: Sequence[str | None] = (),
+        draft_delay_s: float = 0.01,
+    ) -> None:
         self.texts = list(texts)
         self.delay_s = delay_s
+        self.drafts = list(drafts)  # per draft asked for, in order; none left: no draft
+        self.draft_delay_s = draft_delay_s
+        self.drafts_given = 0
         self.calls: list[float] = []  # seconds of audio per call
         self.fail = False
         self.in_flight = 0
@@ -71,6 +80,13 @@ class FakeTranscriber(Scripted):
         if self.fail:
             raise StageError("stt", "scripted failure")
         return self.texts[min(index, len(self.texts) - 1)]
+
+    def draft(self, audio: MonoAudio, language: str | None = None) -> str | None:
+        if self.drafts_given >= len(self.drafts):
+            return None
+        self.drafts_given += 1
+        self.pause(self.draft_delay_s)
+        return self.drafts[self.drafts_given - 1]
 
 
 class FakeChat(Scripted):

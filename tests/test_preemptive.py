@@ -20,7 +20,7 @@ from voicebot.bench.runner import Measurement
 from voicebot.call.clock import VirtualClock
 from voicebot.call.session import Call
 from voicebot.call.status import CallStatus
-from voicebot.cli import _on_off_list
+from voicebot.cli import _preemptive_list
 from voicebot.llm import OllamaChat, make_client
 from voicebot.metrics import Metrics
 from voicebot.ollama_server import (
@@ -102,6 +102,64 @@ def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> 
     # start (the early transcript is in ~180 ms after the speech end, the turn closes at 320).
     assert head_start_ms == pytest.approx(140, abs=30)
     assert v2v[False] - v2v[True] == pytest.approx(head_start_ms, abs=30), v2v
+
+
+def _draft_call(drafts: tuple[str, ...], final: str = "Hello there.") -> tuple[Any, Call, Any]:
+    """One turn whose full transcript takes 0.3 s (in ~440 ms after the speech end, after
+    the 320 ms close), with or without a quick draft (10 ms) to start the answer on."""
+    audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
+    chat = fakes.FakeChat(reply="Sure, here you are. And more.", ttft_s=0.25)
+    transcriber = fakes.FakeTranscriber([final], delay_s=0.3, drafts=drafts)
+    result, call = _call(preemptive=True, audio=audio, chat=chat, transcriber=transcriber)
+    return result, call, chat
+
+
+def test_an_answer_started_on_a_draft_plays_once_the_transcript_agrees() -> None:
+    plain, _, _ = _draft_call(drafts=())
+    result, call, chat = _draft_call(drafts=("hello there",))
+    [turn] = result.turns
+    [slow] = plain.turns
+    # The turn keeps the transcript's own text, not the draft's; one LLM request.
+    assert turn.user_text == "Hello there." and turn.sequence == 1
+    assert [m.content for m in chat.requests[0] if m.role == "user"] == ["hello there"]
+    assert len(chat.requests) == 1 and call.wasted_llm_requests == 0
+    assert call.preemptive_played == 1
+    assert turn.assistant_text == chat.reply and not turn.interrupted
+    t = turn.timings
+    assert t.stt_ms == pytest.approx(120, abs=30)  # the wait for the check after the close
+    assert t.v2v_ms is not None and slow.timings.v2v_ms is not None
+    # The LLM had been asked ~300 ms earlier: the first token came before the check.
+    assert slow.timings.v2v_ms - t.v2v_ms > 200, (slow.timings.v2v_ms, t.v2v_ms)
+    assert t.v2v_ms >= 440  # never before the transcript agreed
+    assert _states(result)[:5] == [
+        "listening",
+        "user_speaking",
+        "thinking",
+        "speaking",
+        "listening",
+    ]
+
+
+def test_a_draft_the_transcript_contradicts_is_dropped_and_the_turn_answered_afresh() -> None:
+    result, call, chat = _draft_call(drafts=("hello bear",))
+    [turn] = result.turns
+    assert turn.user_text == "Hello there." and not turn.interrupted
+    assert [r[-1].content for r in chat.requests] == ["hello bear", "Hello there."]
+    assert call.wasted_llm_requests == 1 and call.preemptive_played == 0
+    # Heard once: the dropped answer's audio never played.
+    assert turn.assistant_text == chat.reply
+    assert [u.turn.user_text for u in result.updates if u.final] == ["Hello there."]
+
+
+def test_a_draft_checked_before_the_close_plays_at_the_close() -> None:
+    audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
+    chat = fakes.FakeChat(reply="Sure, here you are.", ttft_s=0.25)
+    transcriber = fakes.FakeTranscriber(["Hello there."], delay_s=0.1, drafts=("hello there",))
+    result, call = _call(preemptive=True, audio=audio, chat=chat, transcriber=transcriber)
+    [turn] = result.turns
+    assert turn.user_text == "Hello there." and turn.timings.stt_ms == 0.0
+    assert call.preemptive_played == 1 and call.wasted_llm_requests == 0
+    assert len(chat.requests) == 1
 
 
 def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
@@ -256,7 +314,7 @@ def test_a_preemptive_reply_never_runs_a_tool_before_its_turn_is_confirmed(
 
 
 def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run() -> None:
-    def m(pipeline: str, preemptive: bool | None, v2v: float, wasted: int) -> Measurement:
+    def m(pipeline: str, preemptive: str | None, v2v: float, wasted: int) -> Measurement:
         return Measurement(
             pipeline,  # type: ignore[arg-type]
             "en01",
@@ -265,19 +323,19 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
             endpoint_ms=300.0,
             v2v_ms=v2v,
             preemptive=preemptive,
-            variant="" if preemptive in (True, None) else "preemptive off",
+            variant="" if preemptive in ("on", None) else f"preemptive {preemptive}",
             turns=0 if pipeline == "baseline" else 1,
             wasted_llm_requests=wasted,
-            preemptive_played=int(bool(preemptive)),
-            preemptive_head_start_ms=300.0 if preemptive else None,
+            preemptive_played=int(preemptive == "on"),
+            preemptive_head_start_ms=300.0 if preemptive == "on" else None,
         )
 
     rows = [
-        m("ours", True, 700.0, 1),
-        m("ours", False, 900.0, 0),
+        m("ours", "on", 700.0, 1),
+        m("ours", "off", 900.0, 0),
         m("baseline", None, 2000.0, 0),
-        m("ours", True, 800.0, 0),
-        m("ours", False, 1000.0, 0),
+        m("ours", "on", 800.0, 0),
+        m("ours", "off", 1000.0, 0),
         m("baseline", None, 2100.0, 0),
     ]
     report = summarize(rows, machine={}, config={})
@@ -285,8 +343,8 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
     assert ours is not None and ours.calls == 2  # the main run only
     assert ours.metrics["v2v_ms"].p50 == pytest.approx(750.0)
     on, off = report.preemption
-    assert (on.preemptive, on.calls, on.wasted_llm_per_turn) == (True, 2, 0.5)
-    assert (off.preemptive, off.calls, off.wasted_llm_per_turn) == (False, 2, 0.0)
+    assert (on.preemptive, on.calls, on.wasted_llm_per_turn) == ("on", 2, 0.5)
+    assert (off.preemptive, off.calls, off.wasted_llm_per_turn) == ("off", 2, 0.0)
     assert off.v2v.p50 == pytest.approx(950.0)
     table = format_table(report)
     assert "wasted LLM requests per turn 0.50  played preemptively 2/2 turns" in table
@@ -294,10 +352,10 @@ def test_the_bench_reports_wasted_llm_requests_per_turn_apart_from_the_main_run(
     assert len(json.loads(report.to_json())["preemption"]) == 2
 
 
-def test_bench_preemptive_option_takes_on_off_or_both() -> None:
-    assert _on_off_list("on,off") == (True, False)
-    assert _on_off_list(" OFF ") == (False,)
-    assert _on_off_list("") == ()
+def test_bench_preemptive_option_takes_on_nodraft_off_or_several() -> None:
+    assert _preemptive_list("on,off") == ("on", "off")
+    assert _preemptive_list(" OFF ,NoDraft") == ("off", "nodraft")
+    assert _preemptive_list("") == ()
     for bad in ("yes", "on,on", "on;off"):
-        with pytest.raises(typer.BadParameter, match="expected on, off or on,off"):
-            _on_off_list(bad)
+        with pytest.raises(typer.BadParameter, match="expected some of on, nodraft, off"):
+            _preemptive_list(bad)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.io.wavfile
 
-from voicebot.audio import Samples, resample, to_int16, to_mono_float32
+from voicebot.audio import Samples, StreamResampler, resample, to_int16, to_mono_float32
 from voicebot.errors import ConfigError, StageError
 from voicebot.stt import (
     FULL_WINDOW_S,
@@ -21,6 +21,7 @@ from voicebot.stt import (
     default_model_name,
     degenerate_reason,
     resolve_device,
+    same_words,
 )
 
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
@@ -328,8 +329,8 @@ def test_english_only_model_uses_the_short_window_without_a_language(
 def france_as_a_call_cuts_it(joe_voice_path: Path) -> Samples:
     """ "What is the capital of France?" in the piper joe voice without sampling noise (so the
     same audio every run), fed to the turn detector as a call feeds it: 20 ms frames at the
-    voice's 22.05 kHz, each resampled to 16 kHz on its own, the speech starting 294 samples
-    into a frame; the turn the detector closes."""
+    voice's 22.05 kHz, resampled to 16 kHz as a stream, the speech starting 294 samples into
+    a frame; the turn the detector closes."""
     from piper import PiperVoice, SynthesisConfig
 
     from voicebot.turns import TurnConfig, TurnDetector, UserTurn
@@ -345,10 +346,11 @@ def france_as_a_call_cuts_it(joe_voice_path: Path) -> Samples:
     )
     frame = round(rate * 0.02)
     detector = TurnDetector(TurnConfig(), SileroVad().stream())
+    to_16k = StreamResampler(rate, 16000)
     turns = [
         event
         for start in range(0, audio.size - frame, frame)
-        for event in detector.push(resample(audio[start : start + frame], rate, 16000))
+        for event in detector.push(to_16k(audio[start : start + frame]))
         if isinstance(event, UserTurn)
     ]
     assert len(turns) == 1
@@ -360,7 +362,8 @@ def test_default_setting_hears_france_where_the_short_window_heard_friends(
 ) -> None:
     """The test calls' failure: tiny.en's short window (+1 s) hears this clip as "the
     capital of friends" (not degenerate, so no fallback); the full window, the default,
-    hears "France"."""
+    hears "France". As a draft it is checked: the words differ, so an answer started on it
+    would be dropped."""
     from voicebot.settings import Settings
 
     default = WhisperTranscriber(
@@ -370,3 +373,38 @@ def test_default_setting_hears_france_where_the_short_window_heard_friends(
     assert default.transcribe(clip, "en") == "What is the capital of France?"
     short = default.decode(clip, "en", padding_s=SHORT_WINDOW_PADDING_S["en"])
     assert short.degenerate is None and "France" not in short.text, short.text
+    draft = default.draft(clip, "en")
+    assert draft == short.text
+    assert not same_words(draft, "What is the capital of France?")
+
+
+def test_the_draft_is_the_short_window_and_agrees_on_clear_speech(
+    tiny_en_model_dir: Path,
+    tiny_en: WhisperTranscriber,
+    base_multilingual_model_dir: Path,
+    english_speech: tuple[int, Samples],
+) -> None:
+    app_default = WhisperTranscriber(str(tiny_en_model_dir), device="cpu", short_window=False)
+    samples, rate = _corpus_clip("en04.wav")
+    draft = app_default.draft((rate, samples), "en")
+    assert draft == "I would like to book a table for dinner tonight."
+    assert same_words(draft, app_default.transcribe((rate, samples), "en"))
+    draft = app_default.draft(english_speech, "en")  # any rate, as transcribe takes
+    assert draft is not None and "parameters" in draft.lower()
+    # None where a draft would gain nothing or cannot be had: the short window already in
+    # use, too little audio, or a language to detect (the full window's job).
+    rate, samples = english_speech
+    assert tiny_en.short_window and tiny_en.draft(english_speech, "en") is None
+    assert app_default.draft((rate, samples[: rate // 20]), "en") is None
+    detecting = WhisperTranscriber(
+        str(base_multilingual_model_dir), device="cpu", short_window=False
+    )
+    assert detecting.draft(english_speech, None) is None
+
+
+def test_same_words_ignores_case_spaces_and_punctuation() -> None:
+    assert same_words("Hello there", "hello there.")
+    assert same_words("dinner to-night", "Dinner tonight!")
+    assert same_words("予約を、お願いします", "予約をお願いします。")
+    assert not same_words("the capital of friends", "the capital of France")
+    assert not same_words("", "Stop.")

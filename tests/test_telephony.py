@@ -33,14 +33,13 @@ from tests import fakes
 from tests.fakes import tone
 from tests.support_served import LiveServer, backend_of, served_runtime
 from tests.support_voice import KeywordScript, joe, say
-from voicebot.audio import resample
+from voicebot.audio import StreamResampler, resample
 from voicebot.ollama_server import OllamaProtocolServer
 from voicebot.runtime import Runtime
 from voicebot.server import create_app, default_backend
 from voicebot.settings import Settings
 from voicebot.store import InMemoryTurnStore
 from voicebot.telephony import (
-    Downsampler,
     SignatureChecker,
     caller_hash,
     decode_media,
@@ -269,7 +268,7 @@ def test_downsampler_keeps_speech_band_and_joins_frames_smoothly() -> None:
     rate = 24000
     t = np.arange(rate) / rate
     signal = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    down = Downsampler(rate)
+    down = StreamResampler(rate, 8000)
     out = np.concatenate([down(signal[i : i + 480]) for i in range(0, signal.size, 480)])
     assert out.size == 8000
     reference = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)

@@ -239,6 +239,9 @@ class _RecordingTranscriber:
         self.texts.append(text)
         return text
 
+    def draft(self, audio: MonoAudio, language: str | None = None) -> str | None:
+        return None  # cases are judged on the transcript alone
+
 
 class _CachedSynthesizer:
     """A real voice whose output is kept per text: every case hears the same agent audio."""

@@ -40,6 +40,7 @@ def turn_config(settings: Settings) -> TurnConfig:
         bargein_min_speech_ms=settings.bargein_min_speech_ms,
         backchannel_max_ms=settings.backchannel_max_ms,
         preemptive_replies=settings.preemptive_replies,
+        stt_drafts=settings.stt_draft,
         complete_silence_ms=settings.complete_silence_ms,
         incomplete_silence_ms=settings.incomplete_silence_ms,
         turn_end_threshold=settings.turn_end_threshold,

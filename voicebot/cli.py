@@ -462,8 +462,9 @@ def bench(
         str,
         typer.Option(
             "--preemptive",
-            help="Ours with preemptive replies on, off, or both (on,off: the first is the "
-            "main run, the other reported apart). Default: the settings'.",
+            help="Ours with preemptive replies on (started on the STT draft), nodraft (on, "
+            "started on the full transcript) or off; several, e.g. on,nodraft,off: the first "
+            "is the main run, the others reported apart. Default: the settings'.",
         ),
     ] = "",
     transport: Annotated[
@@ -500,7 +501,7 @@ def bench(
         stt_model=options.stt_model,
         stt_model_ja=stt_model_ja,
         tts_voice=options.tts_voice,
-        preemptive=_on_off_list(preemptive),
+        preemptive=_preemptive_list(preemptive),
         transport=transport,
     )
     if transport not in ("simulate", "webrtc"):
@@ -543,16 +544,18 @@ def bench(
         plot(report, plot_out)
 
 
-def _on_off_list(value: str) -> tuple[bool, ...]:
-    """ "on,off" → (True, False); a bad word is a usage error."""
+def _preemptive_list(value: str) -> tuple[str, ...]:
+    """ "on,off" → ("on", "off"); a bad or repeated word is a usage error."""
+    from voicebot.bench.runner import PREEMPTIVE_SETTINGS
+
     words = [w.strip().lower() for w in value.split(",") if w.strip()]
-    settings = {"on": True, "off": False}
-    bad = [w for w in words if w not in settings]
+    bad = [w for w in words if w not in PREEMPTIVE_SETTINGS]
     if bad or len(set(words)) != len(words):
         raise typer.BadParameter(
-            f"expected on, off or on,off; got {value!r}", param_hint="--preemptive"
+            f"expected some of {', '.join(PREEMPTIVE_SETTINGS)}, comma-separated; got {value!r}",
+            param_hint="--preemptive",
         )
-    return tuple(settings[w] for w in words)
+    return tuple(words)
 
 
 def main() -> None:

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     differently from the full window ("Eiffel" as "Eival", "France" as "friends"), whatever
     the padding; see docs/benchmarks.md, "STT: variable-length whisper encoding"."""
 
+    stt_draft: bool = True
+    """When a pause may end the turn, first decode the short window as a draft and start
+    preparing the answer on it while the full window transcribes the same audio; the answer
+    plays only if both hear the same words, so the turn's text is always the full window's
+    [VOICEBOT_STT_DRAFT]. Only where the short window is off and the language has a measured
+    padding (English, Japanese)."""
+
     # --- speech synthesis
     tts_voice: str | None = None
     """Piper voice name or local .onnx path, overriding the persona's [VOICEBOT_TTS_VOICE]."""

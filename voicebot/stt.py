@@ -15,8 +15,14 @@ clip is transcribed again with the full window. It stays opt-in because it also 
 that are not degenerate: every speech frame's encoder state attends to the padding too, so
 the short window's states differ from the full window's whatever the padding length, and
 tiny.en then hears a rare word differently ("Eiffel" as "Eival", "France" as "friends");
-docs/benchmarks.md has the measurements. This module is the only one that touches
-faster-whisper's model internals.
+docs/benchmarks.md has the measurements.
+
+What the app does instead by default is use the short window as a *draft* (``draft``): at a
+pause that may end the turn, the call decodes the short window first and starts preparing
+its answer on that text while the full window transcribes the same audio; the answer plays
+only if both say the same words (``same_words``). The turn's text is always the full
+window's, so accuracy is the full window's and the short window only buys time. This module
+is the only one that touches faster-whisper's model internals.
 """
 
 from __future__ import annotations
@@ -75,6 +81,22 @@ class Transcriber(Protocol):
     def transcribe(self, audio: MonoAudio, language: str | None = None) -> str:
         """Text of ``audio``; ``language`` is an ISO 639-1 code, None to detect it."""
         ...
+
+    def draft(self, audio: MonoAudio, language: str | None = None) -> str | None:
+        """A quicker, less certain text of ``audio`` to start preparing an answer on while
+        ``transcribe`` runs, or None where there is none. Only ``transcribe``'s text is kept:
+        an answer prepared on a draft is used only if the two say the same words."""
+        ...
+
+
+def same_words(draft: str, text: str) -> bool:
+    """The two transcripts say the same words: compared without case, spaces or
+    punctuation ("to-night" and "tonight", "Hello there" and "Hello there." agree)."""
+
+    def letters(value: str) -> str:
+        return "".join(ch for ch in unicodedata.normalize("NFKC", value).lower() if ch.isalnum())
+
+    return letters(draft) == letters(text)
 
 
 @dataclass(frozen=True)
@@ -179,7 +201,8 @@ class WhisperTranscriber:
         """``short_window``: decode only the utterance plus ``short_window_padding_s`` of
         silence for the languages that table names (the module docstring says why). The app
         passes ``VOICEBOT_STT_SHORT_WINDOW``, off by default; evaluations that want speed
-        over the last word of accuracy keep this default."""
+        over the last word of accuracy keep this default; with it off, ``draft`` gives the
+        short window's text."""
         try:
             from faster_whisper import WhisperModel, available_models
         except ModuleNotFoundError as e:
@@ -259,6 +282,48 @@ class WhisperTranscriber:
         padding = self._padding_s.get(lang or "") if self.short_window else None
         return self.decode(audio, language, padding_s=padding).text
 
+    def draft(self, audio: Audio, language: str | None = None) -> str | None:
+        """The short window's text, as a draft for ``transcribe``'s full window: None when the
+        short window is already what ``transcribe`` does, the language has no measured
+        padding (or is to be detected), the clip is too long to gain, or the draft looks
+        degenerate. The policy starts a preemptive answer on it and keeps that answer only
+        if the full window hears the same words, so the turn's text (and the WER) is the
+        full window's and the short window only buys time."""
+        if self.short_window:
+            return None
+        prepared = self._prepare(audio, language)
+        if prepared is None:
+            return None
+        samples, lang = prepared
+        padding = self._padding_s.get(lang or "")
+        duration = samples.shape[-1] / WHISPER_SAMPLE_RATE
+        if padding is None or lang is None or duration + padding >= FULL_WINDOW_S:
+            return None
+        started = time.perf_counter()
+        text, degenerate = self._decode_short(samples, lang, padding)
+        logger.debug(
+            "stt %s: draft of %.2f s audio in %.2f s (%s)",
+            self.name,
+            duration,
+            time.perf_counter() - started,
+            degenerate or "kept",
+        )
+        return text if degenerate is None else None
+
+    def _prepare(self, audio: Audio, language: str | None) -> tuple[Samples, str | None] | None:
+        """16 kHz mono samples and the language to decode them in; None: too short to try."""
+        rate, samples = to_mono_float32(audio)
+        if samples.shape[-1] < MIN_AUDIO_S * rate:
+            return None
+        samples = resample(samples, rate, WHISPER_SAMPLE_RATE)
+        lang = _normalise_language(language)
+        if not self.multilingual:
+            if lang not in (None, "en") and not self._warned_language:
+                self._warned_language = True  # once, not every turn
+                logger.warning("whisper %s is English-only; ignoring language %r", self.name, lang)
+            lang = "en"
+        return samples, lang
+
     def decode(
         self, audio: Audio, language: str | None = None, *, padding_s: float | None = None
     ) -> WindowResult:
@@ -268,16 +333,10 @@ class WhisperTranscriber:
         A clip whose language is to be detected, or that is too long to gain anything,
         uses the full window whatever ``padding_s`` says.
         """
-        rate, samples = to_mono_float32(audio)
-        if samples.shape[-1] < MIN_AUDIO_S * rate:
+        prepared = self._prepare(audio, language)
+        if prepared is None:
             return WindowResult("", 0.0)
-        samples = resample(samples, rate, WHISPER_SAMPLE_RATE)
-        lang = _normalise_language(language)
-        if not self.multilingual:
-            if lang not in (None, "en") and not self._warned_language:
-                self._warned_language = True  # once, not every turn
-                logger.warning("whisper %s is English-only; ignoring language %r", self.name, lang)
-            lang = "en"
+        samples, lang = prepared
         duration = samples.shape[-1] / WHISPER_SAMPLE_RATE
         started = time.perf_counter()
         if padding_s is not None and lang is not None and duration + padding_s < FULL_WINDOW_S:

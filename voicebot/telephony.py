@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voicebot.audio import Samples, resample, to_mono_float32
+from voicebot.audio import Samples, StreamResampler, resample, to_mono_float32
 from voicebot.conversation import Channel
 
 if TYPE_CHECKING:
@@ -96,29 +96,6 @@ def ulaw_encode(pcm: npt.NDArray[np.int16]) -> bytes:
     code = np.where(segment >= 8, 0x7F, code) ^ mask
     encoded: bytes = code.astype(np.uint8).tobytes()
     return encoded
-
-
-class Downsampler:
-    """Streaming low-pass and decimation from the handler's rate to 8 kHz, filter state kept
-    across frames so 20 ms pieces join without clicks."""
-
-    def __init__(self, from_rate: int, to_rate: int = MEDIA_RATE) -> None:
-        from scipy.signal import firwin, lfilter_zi
-
-        if from_rate % to_rate:
-            raise ValueError(f"{from_rate} Hz is not a multiple of {to_rate} Hz")
-        self.factor = from_rate // to_rate
-        self._taps = firwin(63, 0.9 * to_rate / 2, fs=from_rate)
-        self._state = lfilter_zi(self._taps, 1.0) * 0.0
-        self._phase = 0
-
-    def __call__(self, samples: Samples) -> Samples:
-        from scipy.signal import lfilter
-
-        filtered, self._state = lfilter(self._taps, 1.0, samples, zi=self._state)
-        out = filtered[self._phase :: self.factor]
-        self._phase = (self._phase - samples.size) % self.factor
-        return np.asarray(out, dtype=np.float32)
 
 
 def encode_media(samples: Samples) -> str:
@@ -588,16 +565,15 @@ class PhoneCall:
     async def _play_loop(self, call: Call) -> None:
         from voicebot.call.events import AudioOut, CloseCall, TurnUpdate
 
-        down: Downsampler | None = None
+        down: StreamResampler | None = None
         last_audio: float | None = None
         while True:
             out = await asyncio.to_thread(call.next_output, OUTPUT_WAIT_S)
             if isinstance(out, AudioOut):
                 rate, samples = to_mono_float32((out.rate, out.samples))
-                if down is None or down.factor * MEDIA_RATE != rate:
-                    down = Downsampler(rate) if rate % MEDIA_RATE == 0 else None
-                audio = down(samples) if down is not None else resample(samples, rate, MEDIA_RATE)
-                await self._send_media(audio)
+                if down is None or down.from_rate != rate:
+                    down = StreamResampler(rate, MEDIA_RATE)
+                await self._send_media(down(samples))
                 last_audio = time.monotonic()
             elif isinstance(out, CloseCall):
                 # The handler said its last words (time limit): let Twilio play them, hang up.

@@ -52,6 +52,9 @@ class TurnConfig:
     preemptive_replies: bool = True
     """At an end candidate, start answering (STT → LLM → TTS) with the audio held back; the
     reply plays at once if the turn then ends there, and is dropped if the user goes on."""
+    stt_drafts: bool = True
+    """With preemptive replies: start the answer on the transcriber's quick draft, played
+    only if the transcript then says the same words."""
     backchannel_max_ms: int = 1200
     """Overlapping speech up to this long may be a backchannel: the agent pauses instead of
     stopping, and resumes if it was one (0 = every barge-in stops the agent)."""

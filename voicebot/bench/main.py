@@ -56,9 +56,9 @@ class BenchOptions:
     stt_model_ja: str | None = None
     tts_voice: str | None = None
     personas: dict[str, str] = field(default_factory=lambda: dict(PERSONAS))
-    preemptive: Sequence[bool] = ()
-    """Ours with preemptive replies on/off, each for every item (the first is the main run);
-    empty: as the settings say."""
+    preemptive: Sequence[str] = ()
+    """Ours with each of these ``PREEMPTIVE_SETTINGS`` for every item (the first is the main
+    run); empty: as the settings say."""
     transport: str = "simulate"
     """``simulate`` (in-process harness, both pipelines) or ``webrtc`` (ours over a real WebRTC
     call to the served app, next to the harness)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from voicebot.bench.metrics import Percentiles, percentiles
-from voicebot.bench.runner import METRICS, PIPELINES, Measurement
+from voicebot.bench.runner import METRICS, PIPELINES, PREEMPTIVE_SETTINGS, Measurement
 
 SPEC_METRICS = (
     "endpoint_ms",
@@ -71,10 +71,10 @@ class SessionLevel:
 
 @dataclass
 class PreemptionSummary:
-    """Ours with preemptive replies on or off, on one language."""
+    """Ours with one preemptive setting (``PREEMPTIVE_SETTINGS``), on one language."""
 
     language: str
-    preemptive: bool
+    preemptive: str
     calls: int
     endpoint: Percentiles
     v2v: Percentiles
@@ -242,18 +242,19 @@ def summarize(
 def preemption(measurements: Sequence[Measurement]) -> list[PreemptionSummary]:
     """Ours per language and preemptive setting: endpoint, v2v, wasted LLM requests."""
     summaries: list[PreemptionSummary] = []
+    order = list(PREEMPTIVE_SETTINGS)
     keys = sorted(
         {(m.language, m.preemptive) for m in measurements if m.preemptive is not None},
-        key=lambda k: (k[0], not k[1]),
+        key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order)),
     )
     for language, setting in keys:
-        rows = [m for m in measurements if m.language == language and m.preemptive is setting]
+        rows = [m for m in measurements if m.language == language and m.preemptive == setting]
         turns = sum(m.turns for m in rows)
         wasted = sum(m.wasted_llm_requests for m in rows)
         summaries.append(
             PreemptionSummary(
                 language,
-                bool(setting),
+                setting,
                 len(rows),
                 percentiles([m.endpoint_ms for m in rows]),
                 percentiles([m.v2v_ms for m in rows]),
@@ -325,7 +326,7 @@ def format_table(report: BenchReport) -> str:
         lines.append("preemptive replies (ours): endpoint / v2v p50 p95 ms, wasted LLM requests")
         for p in report.preemption:
             lines.append(
-                f"  [{p.language}] {'on' if p.preemptive else 'off':<4}"
+                f"  [{p.language}] {p.preemptive:<7}"
                 f" endpoint {_fmt(p.endpoint.p50):>5} {_fmt(p.endpoint.p95):>5}"
                 f"  v2v {_fmt(p.v2v.p50):>5} {_fmt(p.v2v.p95):>5}"
                 f"  wasted LLM requests per turn {_fmt(p.wasted_llm_per_turn, 2)}"

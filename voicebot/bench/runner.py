@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +49,21 @@ Pipeline = Literal["ours", "baseline"]
 PIPELINES: tuple[Pipeline, ...] = ("ours", "baseline")
 METRICS = TIMING_FIELDS
 _SETTLE_S = 0.5
+
+
+PREEMPTIVE_SETTINGS: Mapping[str, tuple[bool, bool]] = {
+    "on": (True, True),
+    "nodraft": (True, False),
+    "off": (False, False),
+}
+"""``--preemptive`` words: (preemptive replies, started on the STT draft)."""
+
+
+def preemptive_setting(config: TurnConfig) -> str:
+    """The ``PREEMPTIVE_SETTINGS`` name of a turn configuration."""
+    if not config.preemptive_replies:
+        return "off"
+    return "on" if config.stt_drafts else "nodraft"
 
 
 @dataclass(frozen=True)
@@ -98,8 +113,8 @@ class Measurement:
     reference_tokens: int = 0
     feed_lag_ms: float = 0.0
     """Worst lateness of an input frame: above a frame or two the machine is saturated."""
-    preemptive: bool | None = None
-    """Ours: whether preemptive replies were on (None: the baseline)."""
+    preemptive: str | None = None
+    """Ours: its ``PREEMPTIVE_SETTINGS`` name (None: the baseline)."""
     variant: str = ""
     """Ours run with a setting other than the main one ("preemptive off"): reported apart."""
     turns: int = 0
@@ -174,12 +189,12 @@ def run_one(
     interrupt: bool = True,
     interrupt_after_s: float = 1.0,
     max_tail_s: float = 15.0,
-    preemptive: bool | None = None,
+    preemptive: str | None = None,
     variant: str = "",
     on_trace: Callable[[CallTrace], None] | None = None,
 ) -> Measurement:
     """Drive one simulated call through ``pipeline`` and measure it; ``preemptive``: ours
-    with preemptive replies on or off (None: as the runtime is set); ``on_trace`` gets the
+    with one of ``PREEMPTIVE_SETTINGS`` (None: as the runtime is set); ``on_trace`` gets the
     call's trace once it is over."""
     interruption = None
     if interrupt and item.barge_in is not None:
@@ -232,7 +247,10 @@ def run_one(
     if pipeline == "ours":
         runtime = setup.runtime
         if preemptive is not None:
-            config = dataclasses.replace(runtime.turn_config, preemptive_replies=preemptive)
+            replies, drafts = PREEMPTIVE_SETTINGS[preemptive]
+            config = dataclasses.replace(
+                runtime.turn_config, preemptive_replies=replies, stt_drafts=drafts
+            )
             runtime = dataclasses.replace(runtime, turn_config=config)
         handler = ours = VoiceHandler(
             runtime, channel="simulate", persona=setup.persona, greet=False
@@ -258,7 +276,7 @@ def run_one(
     m = Measurement(pipeline, item.name, item.language, repeat, sessions, reference=item.text)
     m.feed_lag_ms = _feed_lag_ms(trace)
     if ours is not None:
-        m.preemptive = ours.call.runtime.turn_config.preemptive_replies
+        m.preemptive = preemptive_setting(ours.call.runtime.turn_config)
         m.variant = variant
         m.wasted_llm_requests = ours.call.wasted_llm_requests
         m.preemptive_played = ours.call.preemptive_played
@@ -417,16 +435,15 @@ def run_interleaved(
     repeats: int,
     interrupt_after_s: float = 1.0,
     progress: Callable[[Measurement], None] | None = None,
-    preemptive: Sequence[bool] = (),
+    preemptive: Sequence[str] = (),
 ) -> list[Measurement]:
     """Each item through ours then the baseline (A B A B ...), ``repeats`` times over.
 
-    ``preemptive``: ours with preemptive replies on/off, each in turn for every item; the
-    first is the main run (compared with the baseline), the others are reported apart
+    ``preemptive``: ours with each of these ``PREEMPTIVE_SETTINGS`` in turn for every item;
+    the first is the main run (compared with the baseline), the others are reported apart
     (empty: as the runtime is set)."""
-    variants: list[tuple[bool | None, str]] = [
-        (p, "" if i == 0 else f"preemptive {'on' if p else 'off'}")
-        for i, p in enumerate(preemptive)
+    variants: list[tuple[str | None, str]] = [
+        (p, "" if i == 0 else f"preemptive {p}") for i, p in enumerate(preemptive)
     ] or [(None, "")]
     pause_models = {lang: SileroV6PauseModel(s.runtime.vad) for lang, s in setups.items()}
     for model in pause_models.values():

@@ -33,12 +33,14 @@ class AudioIn:
 
 @dataclass(frozen=True)
 class Transcribed:
-    """Transcription worker: request ``request`` is done (``error`` set when it failed)."""
+    """Transcription worker: request ``request`` is done (``error`` set when it failed), or,
+    with ``draft``, its quick draft is in and the real transcript is on its way."""
 
     request: int
     text: str
     error: Exception | None
     at: float
+    draft: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from voicebot.call.transcription import TranscriptionWorker
 from voicebot.conversation import Timings, Turn, utc_now
 from voicebot.errors import StageError
 from voicebot.llm import build_messages
+from voicebot.stt import same_words
 from voicebot.turns import BargeIn, EndCandidate, SpeechResumed, SpeechStarted, UserTurn
 from voicebot.vad import VAD_SAMPLE_RATE
 
@@ -77,6 +78,9 @@ class _Preemptive:
     history_len: int
     answered_at: float | None = None
     """When its LLM request was sent (a drop then wastes it)."""
+    draft: str | None = None
+    """The draft transcript its LLM request was made from, until the transcript agrees
+    (then None): it cannot play before that."""
 
 
 class CallPolicy:
@@ -297,10 +301,17 @@ class CallPolicy:
         if self._stt_busy_for_a_decision():
             return
         audio = self._with_carry(event.audio)
-        request = self._stt.request(audio, self._stack.transcriber, self._stack.persona.language)
+        preempt = self._can_preempt()
+        request = self._stt.request(
+            audio,
+            self._stack.transcriber,
+            self._stack.persona.language,
+            draft=preempt and self._config.stt_drafts,
+        )
         self._speculative = (event.speech_end_sample, request)
         self._early.clear()
-        self._start_preemptive(event, audio, request)
+        if preempt:
+            self._start_preemptive(event, audio, request)
 
     def _on_barge_in(self, event: BargeIn) -> None:
         """Silence the agent at once; stop it for good unless this may be a backchannel."""
@@ -401,12 +412,16 @@ class CallPolicy:
         self._on_user_turn(overlap.turn, overlap.closed_t, transcript=result, judged=True)
 
     def _on_transcribed(self, event: Transcribed) -> None:
+        if event.draft:
+            self._answer_preemptive(event)  # a draft only ever starts a preemptive answer
+            return
         overlap = self._overlap
         reply = self._reply
         if overlap is not None and overlap.request == event.request:
             self._judge(overlap, event)
         elif reply is not None and reply.stt_request == event.request and not reply.finished:
-            self._answer(reply, event)
+            if not self._adopt_preemptive(reply, event):
+                self._answer(reply, event)
         elif self._speculative is not None and self._speculative[1] == event.request:
             self._early[event.request] = event  # for the turn this pause may close
             self._answer_preemptive(event)
@@ -500,14 +515,21 @@ class CallPolicy:
 
     # ------------------------------------------------------------------ preemptive replies
 
+    def _can_preempt(self) -> bool:
+        """At most one preemptive reply per call; only when the agent is silent and nothing
+        is being judged."""
+        return (
+            self._config.preemptive_replies
+            and not self.closing
+            and self._reply is None
+            and not self._paused
+            and self._overlap is None
+        )
+
     def _start_preemptive(self, event: EndCandidate, audio: Samples, request: int) -> None:
         """At the first pause, prepare the answer with its audio held back: it is started
-        when the early transcription comes, and plays at once if the turn ends at this pause.
-        At most one per call; only when the agent is silent and nothing is being judged."""
-        if not self._config.preemptive_replies or self.closing:
-            return
-        if self._reply is not None or self._paused or self._overlap is not None:
-            return
+        when the early transcription (or its draft) comes, and plays at once if the turn ends
+        at this pause."""
         stack = self._stack
         turn = Turn(
             conversation_id=self._setup.conversation_id,
@@ -529,9 +551,14 @@ class CallPolicy:
         )
 
     def _answer_preemptive(self, transcript: Transcribed) -> None:
-        """The early transcript is in: ask the LLM, held back until the turn is confirmed."""
+        """The early transcript or its draft is in: ask the LLM, held back until the turn is
+        confirmed (and, for a draft, until the transcript says the same words)."""
         pre = self._preemptive
-        if pre is None or pre.request != transcript.request or pre.answered_at is not None:
+        if pre is None or pre.request != transcript.request:
+            return
+        if pre.answered_at is not None:
+            if pre.draft is not None and not transcript.draft:
+                self._check_draft(pre, transcript)
             return
         text = transcript.text.strip()
         if transcript.error is not None or not text:
@@ -548,7 +575,23 @@ class CallPolicy:
             persona.history_turns * 2,
         )
         pre.answered_at = self._clock.now()
+        if transcript.draft:
+            pre.draft = text
+            reply.defer_synthesis()
         self._stages.answer(reply, self._stack, messages)
+
+    def _check_draft(self, pre: _Preemptive, transcript: Transcribed) -> bool:
+        """The transcript of the pause the preemptive reply answers a draft of: keep the
+        reply if both say the same words (the turn keeps the transcript's text), else drop
+        it. True when kept."""
+        assert pre.draft is not None and pre.reply.turn is not None
+        if transcript.error is not None or not same_words(pre.draft, transcript.text):
+            self._drop_preemptive("the transcript differs from its draft")
+            return False
+        pre.draft = None
+        pre.reply.turn.user_text = transcript.text.strip()
+        pre.reply.allow_synthesis()
+        return True
 
     def _promote_preemptive(
         self, event: UserTurn, audio: Samples, speech_end_t: float, closed_t: float, judged: bool
@@ -571,17 +614,48 @@ class CallPolicy:
         if not same:
             self._drop_preemptive("the turn is not the one it answered")
             return False
+        if pre.draft is not None:
+            # Answered a draft: the turn waits for its transcript to check it, while the
+            # answer's first words are synthesized.
+            pre.reply.allow_synthesis()
+            return False
+        self._inherit_acknowledgement(pre.reply)
+        self._play_preemptive(pre, speech_end_t, closed_t, audio, stt_ms=0.0)
+        return True
+
+    def _adopt_preemptive(self, waiting: Reply, transcript: Transcribed) -> bool:
+        """The transcript a confirmed turn waited for is in: if the preemptive reply answered
+        its draft and the words agree, that reply takes the turn's place and plays now."""
+        pre = self._preemptive
+        if pre is None or pre.request != transcript.request or pre.draft is None:
+            return False
+        if not self._check_draft(pre, transcript):
+            return False
+        assert waiting.speech_end_t is not None and waiting.closed_t is not None
+        assert waiting.user_audio is not None
+        self._forget(waiting)  # it never started: nothing of it to record
+        if waiting.id in self._acknowledged:
+            self._acknowledged[pre.reply.id] = self._acknowledged.pop(waiting.id)
+        stt_ms = max(0.0, self._clock.now() - waiting.closed_t) * 1000  # the check's wait
+        self._play_preemptive(
+            pre, waiting.speech_end_t, waiting.closed_t, waiting.user_audio, stt_ms
+        )
+        return True
+
+    def _play_preemptive(
+        self, pre: _Preemptive, speech_end_t: float, closed_t: float, audio: Samples, stt_ms: float
+    ) -> None:
+        """The preemptive reply becomes the confirmed turn's: numbered, released, played."""
         self._preemptive = None
         reply = pre.reply
         turn = reply.turn
         assert turn is not None
         turn.started_at = utc_now()  # a turn starts when it closes, as any other
         turn.timings.endpoint_ms = (closed_t - speech_end_t) * 1000
-        turn.timings.stt_ms = 0.0  # transcribed while the user was still silent
+        turn.timings.stt_ms = stt_ms  # transcribed while the user was still silent
         reply.speech_end_t, reply.closed_t, reply.user_audio = speech_end_t, closed_t, audio
         self.record.number(turn)
         self._reply = reply
-        self._inherit_acknowledgement(reply)
         self.preemptive_played += 1
         assert pre.answered_at is not None
         self.preemptive_head_start_ms += max(0.0, closed_t - pre.answered_at) * 1000
@@ -590,7 +664,6 @@ class CallPolicy:
         self._schedule_acknowledgement(reply)  # its first audio may still be on the way
         logger.debug("turn confirmed: the preemptive reply plays")
         self._maybe_done(reply.id)  # it may have been produced with no audio at all
-        return True
 
     def _drop_preemptive(self, why: str) -> None:
         """Cancel the preemptive reply: LLM stream closed, TTS stopped, held audio dropped.

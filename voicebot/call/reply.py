@@ -18,7 +18,8 @@ booking not yet committed rolls back. Tool activity goes to the policy as ``Tool
 
 A preemptive reply (``held``, started before its turn is confirmed) synthesizes only its first
 chunk ahead and stops at a tool call until ``confirm``: its audio is held by the playout, and
-``cancel`` drops it without a tool having run.
+``cancel`` drops it without a tool having run. One that answers a draft transcript
+(``defer_synthesis``) synthesizes nothing until ``allow_synthesis``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class Reply:
         """What the page shows of it so far (the chunks that have started playing)."""
         self._cancelled = threading.Event()
         self._confirmed = threading.Event()
+        self._may_synthesize = threading.Event()
+        self._may_synthesize.set()
         if not held:
             self._confirmed.set()
 
@@ -136,11 +139,17 @@ class Reply:
     def confirm(self) -> None:
         """Its turn is confirmed: a preemptive reply may run tools (the policy releases its
         audio)."""
+        self._may_synthesize.set()
         self._confirmed.set()
 
-    def wait_confirmed(self, timeout: float) -> None:
-        """Wait (real time) up to ``timeout`` for ``confirm``."""
-        self._confirmed.wait(timeout)
+    def defer_synthesis(self) -> None:
+        """It answers a draft transcript: synthesize nothing until ``allow_synthesis`` (the
+        draft checked, or the turn closed at its pause), so the answer to a pause the user
+        talks on after costs no TTS CPU, which the check's transcription needs."""
+        self._may_synthesize.clear()
+
+    def allow_synthesis(self) -> None:
+        self._may_synthesize.set()
 
     @property
     def finished(self) -> bool:
@@ -152,6 +161,16 @@ class Reply:
         if self.state != "done":
             self.state = "cancelled"
         self._cancelled.set()
+
+    @property
+    def confirmed(self) -> threading.Event:
+        """Set by ``confirm``: what a held reply's tool calls and later chunks wait for."""
+        return self._confirmed
+
+    @property
+    def synthesis_allowed(self) -> threading.Event:
+        """Clear while synthesis is deferred (``defer_synthesis``)."""
+        return self._may_synthesize
 
     @property
     def cancel_event(self) -> threading.Event:
@@ -306,7 +325,9 @@ class ReplyStages:
                             continue
                         # Held (preemptive): only the first chunk is made ahead; the rest of
                         # the TTS work waits for the turn, so a dropped reply wastes little CPU.
-                        if item[0] > 0 and not self._until_confirmed(reply):
+                        if not self._until(reply, reply.synthesis_allowed):
+                            continue
+                        if item[0] > 0 and not self._until(reply, reply.confirmed):
                             continue
                         # a caller waits in silence for chunk 0: it synthesizes first (cpu.py)
                         with synthesis_priority(FIRST_CHUNK if item[0] == 0 else LATER_CHUNK):
@@ -376,7 +397,7 @@ class ReplyStages:
 
         def timed(events: Iterable[ReplyEvent]) -> Iterator[ReplyEvent]:
             for event in events:
-                if isinstance(event, ToolStarted) and not self._until_confirmed(reply):
+                if isinstance(event, ToolStarted) and not self._until(reply, reply.confirmed):
                     return  # dropped before its turn was confirmed: the tool never runs
                 if isinstance(event, str) and timings.llm_ttft_ms is None:
                     timings.llm_ttft_ms = (clock.now() - sent) * 1000
@@ -404,13 +425,14 @@ class ReplyStages:
         finally:
             tool_reply.close()  # stops the model's stream and tells a running tool
 
-    def _until_confirmed(self, reply: Reply) -> bool:
-        """Hold a preemptive reply at a tool call until its turn is confirmed (a tool may
-        book or cancel something: it must never run for a turn that did not happen); False
-        once the reply was cancelled instead."""
-        while reply.held and not reply.cancelled:
+    def _until(self, reply: Reply, gate: threading.Event) -> bool:
+        """Hold a preemptive reply until ``gate`` opens: at a tool call until its turn is
+        confirmed (a tool may book or cancel something: it must never run for a turn that
+        did not happen), at synthesis while it may not synthesize; False once the reply was
+        cancelled instead."""
+        while not gate.is_set() and not reply.cancelled:
             if isinstance(self._clock, RealClock):
-                reply.wait_confirmed(_HOLD_POLL_S)  # confirm wakes it at once
+                gate.wait(_HOLD_POLL_S)  # opening it wakes this at once
             else:
                 self._clock.sleep(_HOLD_POLL_S)  # a virtual clock must see every wait
         return not reply.cancelled

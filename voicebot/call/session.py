@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-from voicebot.audio import Audio, resample, to_mono_float32
+from voicebot.audio import Audio, StreamResampler, to_mono_float32
 from voicebot.call.clock import Clock, RealClock
 from voicebot.call.events import (
     AudioIn,
@@ -103,6 +103,7 @@ class Call:
         self._ended = threading.Event()
         self._policy_thread: int | None = None
         self._receive_errors = 0
+        self._to_vad_rate: StreamResampler | None = None  # the input thread's only
         self._turn_events_sent = 0  # written by the input thread only
         self._turn_events_seen = 0  # written by the policy thread only
 
@@ -206,7 +207,9 @@ class Call:
             if self._receive_errors == 1:
                 logger.warning("call %s: dropping input frames: %s", self.conversation_id, e)
             return
-        samples = resample(samples, rate, VAD_SAMPLE_RATE)
+        if self._to_vad_rate is None or self._to_vad_rate.from_rate != rate:
+            self._to_vad_rate = StreamResampler(rate, VAD_SAMPLE_RATE)
+        samples = self._to_vad_rate(samples)
         now = self.clock.now()
         agent_speaking = self.playout.queued() > 0 or policy.talking
         events = self._detector.push(samples, agent_speaking=agent_speaking)

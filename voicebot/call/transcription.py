@@ -4,6 +4,9 @@ Every request gets an id. A request that arrives while another waits replaces it
 replaced one never runs); the pass under way cannot be stopped, but the policy drops a result
 it no longer wants. So a long utterance with many short pauses costs at most one pass in
 flight and one waiting, on one thread, however many pauses it has.
+
+A request may ask for a draft first (``Transcriber.draft``): the worker posts it as soon as it
+is ready, then transcribes the same audio for real, unless a newer request came meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class _Request:
     audio: Samples
     transcriber: Transcriber
     language: str | None
+    draft: bool
 
 
 class TranscriptionWorker:
@@ -42,12 +46,20 @@ class TranscriptionWorker:
         self._started = False
         self._closed = False
         self.replaced = 0
-        """Requests replaced before they ran."""
+        """Requests replaced before they ran (or, after their draft, before the real pass)."""
 
-    def request(self, audio: Samples, transcriber: Transcriber, language: str | None) -> int:
-        """Queue a pass over ``audio``, replacing any that has not started; returns its id."""
+    def request(
+        self,
+        audio: Samples,
+        transcriber: Transcriber,
+        language: str | None,
+        *,
+        draft: bool = False,
+    ) -> int:
+        """Queue a pass over ``audio``, replacing any that has not started; returns its id.
+        ``draft``: post the transcriber's draft first, when it has one."""
         with self._cond:
-            request = _Request(next(self._ids), audio, transcriber, language)
+            request = _Request(next(self._ids), audio, transcriber, language, draft)
             if self._waiting is not None:
                 self.replaced += 1
             self._waiting = request
@@ -74,6 +86,13 @@ class TranscriptionWorker:
                     return
                 request, self._waiting = self._waiting, None
             assert request is not None
+            if request.draft:
+                self._post_draft(request)
+                with self._cond:
+                    if self._waiting is not None:
+                        # A newer request supersedes this one: its answer is already moot.
+                        self.replaced += 1
+                        continue
             try:
                 text = request.transcriber.transcribe(
                     (VAD_SAMPLE_RATE, request.audio), request.language
@@ -82,3 +101,12 @@ class TranscriptionWorker:
             except Exception as e:  # reported to the policy, which logs it if it still cares
                 event = Transcribed(request.id, "", e, self._clock.now())
             self._post(event)
+
+    def _post_draft(self, request: _Request) -> None:
+        try:
+            text = request.transcriber.draft((VAD_SAMPLE_RATE, request.audio), request.language)
+        except Exception:  # the real pass follows and reports its own failure
+            logger.debug("draft transcription failed", exc_info=True)
+            return
+        if text:
+            self._post(Transcribed(request.id, text, None, self._clock.now(), draft=True))

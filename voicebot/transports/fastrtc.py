@@ -14,11 +14,10 @@ import uuid
 from collections.abc import Callable, Generator
 from typing import Any
 
-import numpy as np
 import scipy.signal  # noqa: F401  (resampling: load it with the handler, not on the first reply)
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 
-from voicebot.audio import Audio, Samples
+from voicebot.audio import Audio, StreamResampler
 from voicebot.call.clock import Clock
 from voicebot.call.events import AudioOut, CallOutput, CloseCall
 from voicebot.call.playout import OUTPUT_RATE
@@ -83,7 +82,7 @@ class VoiceHandler(StreamHandler):
         )
         self.call.on_interrupt = self._interrupted
         self.call.on_end = self._call_over
-        self._upsample: FrameUpsampler | None = None
+        self._upsample: StreamResampler | None = None
         self._own_resampler = False  # resample the caller's audio as it comes (not FastRTC's)
         self._emit_wait_s = EMIT_WAIT_S
         self.on_interrupt: Callable[[], None] | None = None
@@ -163,7 +162,7 @@ class VoiceHandler(StreamHandler):
         hand audio out at Opus's 48 kHz, upsampled here frame by frame, and take the caller's
         audio frame by frame as it comes."""
         if self.output_sample_rate != OPUS_RATE:
-            self._upsample = FrameUpsampler(OUTPUT_RATE, OPUS_RATE)
+            self._upsample = StreamResampler(OUTPUT_RATE, OPUS_RATE)
             self.output_sample_rate = OPUS_RATE
             self.output_frame_size = OPUS_RATE // 50
         self._own_resampler = True
@@ -237,7 +236,7 @@ class VoiceHandler(StreamHandler):
         """The next 20 ms of agent audio when due, an update for the page, or None."""
         output = self.call.next_output(self._emit_wait_s)
         if self._upsample is not None and isinstance(output, AudioOut):
-            return self._upsample.rate, self._upsample(output.samples)
+            return self._upsample.to_rate, self._upsample(output.samples)
         return to_fastrtc(output)
 
     def shutdown(self) -> None:
@@ -266,32 +265,6 @@ class VoiceHandler(StreamHandler):
         # The call ended on its own (its goodbye, a closed websocket): run the shutdown hooks
         # (a server's line accounting) as when FastRTC ends it; they run again harmlessly.
         self.shutdown()
-
-
-class FrameUpsampler:
-    """Consecutive frames to an integer multiple of their rate, each on its own: a frame of
-    ``n`` samples gives exactly ``n * factor``, lagging the input by ``LAG`` samples (0.7 ms
-    at 24 kHz) rather than by a frame, with no seam between frames."""
-
-    LAG = 16
-    """Input samples held back: at least the polyphase filter's half-length (10 here)."""
-    _HISTORY = 2 * LAG
-
-    def __init__(self, from_rate: int, to_rate: int) -> None:
-        if to_rate % from_rate:
-            raise ValueError(f"{to_rate} Hz is not a multiple of {from_rate} Hz")
-        self.rate = to_rate
-        self._factor = to_rate // from_rate
-        self._history = np.zeros(self._HISTORY, np.float32)
-
-    def __call__(self, samples: Samples) -> Samples:
-        from scipy.signal import resample_poly
-
-        joined = np.concatenate([self._history, samples.astype(np.float32, copy=False)])
-        self._history = joined[-self._HISTORY :]
-        start = (self._HISTORY - self.LAG) * self._factor
-        out = resample_poly(joined, self._factor, 1)[start : start + samples.size * self._factor]
-        return np.asarray(out, np.float32)
 
 
 def to_fastrtc(output: CallOutput | None) -> Any:
