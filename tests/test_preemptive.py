@@ -151,6 +151,24 @@ def test_a_draft_the_transcript_contradicts_is_dropped_and_the_turn_answered_afr
     assert [u.turn.user_text for u in result.updates if u.final] == ["Hello there."]
 
 
+def test_a_draft_that_comes_after_the_close_still_starts_the_answer() -> None:
+    """The worker was busy: the draft is in only after the turn closed. The turn waits for
+    its transcript as usual, but the answer is asked on the draft meanwhile."""
+    audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
+    chat = fakes.FakeChat(reply="Sure, here you are.", ttft_s=0.25)
+    transcriber = fakes.FakeTranscriber(
+        ["Hello there."], delay_s=0.3, drafts=("hello there",), draft_delay_s=0.3
+    )
+    result, call = _call(preemptive=True, audio=audio, chat=chat, transcriber=transcriber)
+    [turn] = result.turns
+    assert [r[-1].content for r in chat.requests] == ["hello there"]
+    assert turn.user_text == "Hello there." and call.preemptive_played == 1
+    t = turn.timings
+    # Draft in at ~430 ms, transcript at ~730 ms: the LLM's 250 ms were done by then.
+    assert t.stt_ms == pytest.approx(410, abs=40) and t.v2v_ms is not None
+    assert t.v2v_ms - (t.endpoint_ms + t.stt_ms) < 100, t
+
+
 def test_a_draft_checked_before_the_close_plays_at_the_close() -> None:
     audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
     chat = fakes.FakeChat(reply="Sure, here you are.", ttft_s=0.25)

@@ -78,9 +78,13 @@ class _Preemptive:
     history_len: int
     answered_at: float | None = None
     """When its LLM request was sent (a drop then wastes it)."""
+    draft_asked: bool = False
+    """Its transcription was asked for a draft first."""
     draft: str | None = None
     """The draft transcript its LLM request was made from, until the transcript agrees
     (then None): it cannot play before that."""
+    closed: bool = False
+    """The turn closed at its pause and waits for the transcript to settle the words."""
 
 
 class CallPolicy:
@@ -311,7 +315,7 @@ class CallPolicy:
         self._speculative = (event.speech_end_sample, request)
         self._early.clear()
         if preempt:
-            self._start_preemptive(event, audio, request)
+            self._start_preemptive(event, audio, request, self._config.stt_drafts)
 
     def _on_barge_in(self, event: BargeIn) -> None:
         """Silence the agent at once; stop it for good unless this may be a backchannel."""
@@ -526,7 +530,9 @@ class CallPolicy:
             and self._overlap is None
         )
 
-    def _start_preemptive(self, event: EndCandidate, audio: Samples, request: int) -> None:
+    def _start_preemptive(
+        self, event: EndCandidate, audio: Samples, request: int, draft_asked: bool
+    ) -> None:
         """At the first pause, prepare the answer with its audio held back: it is started
         when the early transcription (or its draft) comes, and plays at once if the turn ends
         at this pause."""
@@ -548,6 +554,7 @@ class CallPolicy:
             request,
             carry_samples=0 if carry is None else carry.size,
             history_len=len(self.record.history),
+            draft_asked=draft_asked,
         )
 
     def _answer_preemptive(self, transcript: Transcribed) -> None:
@@ -577,7 +584,8 @@ class CallPolicy:
         pre.answered_at = self._clock.now()
         if transcript.draft:
             pre.draft = text
-            reply.defer_synthesis()
+            if not pre.closed:
+                reply.defer_synthesis()
         self._stages.answer(reply, self._stack, messages)
 
     def _check_draft(self, pre: _Preemptive, transcript: Transcribed) -> bool:
@@ -604,7 +612,6 @@ class CallPolicy:
             return False
         same = (
             not judged
-            and pre.answered_at is not None
             and pre.speech_end_sample == event.speech_end_sample
             and audio.size - event.audio.size == pre.carry_samples
             and pre.history_len == len(self.record.history)
@@ -614,9 +621,13 @@ class CallPolicy:
         if not same:
             self._drop_preemptive("the turn is not the one it answered")
             return False
-        if pre.draft is not None:
-            # Answered a draft: the turn waits for its transcript to check it, while the
-            # answer's first words are synthesized.
+        if pre.answered_at is None and not pre.draft_asked:
+            self._drop_preemptive("its transcript is not in")  # nothing asked: the turn waits
+            return False
+        if pre.answered_at is None or pre.draft is not None:
+            # A draft still to come, or to check: the turn waits for its transcript, and the
+            # answer (once asked) may synthesize its first words meanwhile.
+            pre.closed = True
             pre.reply.allow_synthesis()
             return False
         self._inherit_acknowledgement(pre.reply)
@@ -627,7 +638,10 @@ class CallPolicy:
         """The transcript a confirmed turn waited for is in: if the preemptive reply answered
         its draft and the words agree, that reply takes the turn's place and plays now."""
         pre = self._preemptive
-        if pre is None or pre.request != transcript.request or pre.draft is None:
+        if pre is None or pre.request != transcript.request:
+            return False
+        if pre.draft is None:
+            self._drop_preemptive("no draft came")
             return False
         if not self._check_draft(pre, transcript):
             return False
