@@ -402,6 +402,26 @@ def test_the_draft_is_the_short_window_and_agrees_on_clear_speech(
     assert detecting.draft(english_speech, None) is None
 
 
+def test_no_draft_while_other_calls_keep_every_worker_busy(
+    tiny_en_model_dir: Path, english_speech: tuple[int, Samples]
+) -> None:
+    import threading
+
+    one_worker = WhisperTranscriber(
+        str(tiny_en_model_dir), device="cpu", short_window=False, num_workers=1
+    )
+    other_call = threading.Thread(target=one_worker.transcribe, args=(english_speech, "en"))
+    other_call.start()
+    deadline = time.monotonic() + 10
+    while one_worker.passes_in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert one_worker.passes_in_flight == 1
+    assert one_worker.draft(english_speech, "en") is None  # it would only queue
+    other_call.join()
+    assert one_worker.passes_in_flight == 0
+    assert one_worker.draft(english_speech, "en") is not None
+
+
 def test_same_words_ignores_case_spaces_and_punctuation() -> None:
     assert same_words("Hello there", "hello there.")
     assert same_words("dinner to-night", "Dinner tonight!")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import unicodedata
 import zlib
@@ -223,6 +224,9 @@ class WhisperTranscriber:
         self.compute_type = compute
         self.beam_size = beam_size
         self.short_window = short_window
+        self._workers = max(1, num_workers)
+        self._passes = 0  # decodings in flight, all calls together
+        self._passes_lock = threading.Lock()
         self._padding_s = dict(short_window_padding_s)
         for lang, padding in self._padding_s.items():
             if not 0.0 <= padding < FULL_WINDOW_S:
@@ -288,8 +292,11 @@ class WhisperTranscriber:
         padding (or is to be detected), the clip is too long to gain, or the draft looks
         degenerate. The policy starts a preemptive answer on it and keeps that answer only
         if the full window hears the same words, so the turn's text (and the WER) is the
-        full window's and the short window only buys time."""
-        if self.short_window:
+        full window's and the short window only buys time.
+
+        None, too, while every worker is busy with other calls' passes: a draft then would
+        queue and delay the transcripts those calls wait for."""
+        if self.short_window or self.passes_in_flight >= self._workers:
             return None
         prepared = self._prepare(audio, language)
         if prepared is None:
@@ -309,6 +316,19 @@ class WhisperTranscriber:
             degenerate or "kept",
         )
         return text if degenerate is None else None
+
+    @property
+    def passes_in_flight(self) -> int:
+        """Decodings running now, every call's together."""
+        return self._passes
+
+    def _passes_started(self) -> None:
+        with self._passes_lock:
+            self._passes += 1
+
+    def _passes_ended(self) -> None:
+        with self._passes_lock:
+            self._passes -= 1
 
     def _prepare(self, audio: Audio, language: str | None) -> tuple[Samples, str | None] | None:
         """16 kHz mono samples and the language to decode them in; None: too short to try."""
@@ -370,6 +390,7 @@ class WhisperTranscriber:
         from faster_whisper.transcribe import get_suppressed_tokens
 
         budget = max_new_tokens(samples.shape[-1] / WHISPER_SAMPLE_RATE)
+        self._passes_started()
         try:
             # The same features faster-whisper computes (its last frame dropped, as it does),
             # zero-padded like its 30 s window but only by padding_s.
@@ -396,9 +417,12 @@ class WhisperTranscriber:
             text = str(tokenizer.decode(tokens)).strip()
         except Exception as e:
             raise StageError("stt", f"whisper {self.name} failed: {e}") from e
+        finally:
+            self._passes_ended()
         return text, degenerate_reason(text, len(tokens), budget)
 
     def _decode_full(self, samples: Samples, lang: str | None, started: float) -> str:
+        self._passes_started()
         try:
             segments, info = self._model.transcribe(
                 samples,
@@ -417,6 +441,8 @@ class WhisperTranscriber:
             texts = [segment.text.strip() for segment in segments]
         except Exception as e:
             raise StageError("stt", f"whisper {self.name} failed: {e}") from e
+        finally:
+            self._passes_ended()
         detected = lang or getattr(info, "language", None)
         separator = "" if detected in _UNSPACED_LANGUAGES else " "
         text = separator.join(t for t in texts if t).strip()
