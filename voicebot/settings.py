@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     falling back to the full window when the transcript looks degenerate; 3-10x faster
     [VOICEBOT_STT_SHORT_WINDOW]. Off by default: tiny.en then hears some rare words
     differently from the full window ("Eiffel" as "Eival", "France" as "friends"), whatever
-    the padding; see docs/benchmarks.md, "STT: variable-length whisper encoding"."""
+    the padding; see docs/benchmarks.md, "STT: variable-length whisper encoding". What the
+    app does instead is use the short window as a checked draft (``stt_draft``)."""
 
     stt_draft: bool = True
     """When a pause may end the turn, first decode the short window as a draft and start
