@@ -4,8 +4,9 @@ For each (model, language) pair, transcribes every clip with the full 30 s windo
 the utterance plus each padding, interleaved clip by clip so machine noise hits every
 variant alike, and prints p50 time, WER (CER for Japanese), how many short-window
 transcripts were degenerate (and redone with the full window: their time includes both
-passes), and on how many clips the short window's final text has more errors than the full
-window's.
+passes), on how many clips the short window's final text has more errors than the full
+window's, and on how many it says the same words as the full window (``same_words``: where a
+draft would be kept).
 
 Two sets of clips:
 
@@ -13,10 +14,10 @@ Two sets of clips:
   and turn detector, default settings: pre-roll, speech, end silence).
 - ``calls`` (English): the sentences the test suite's calls say, spoken by the piper joe
   voice at its 22.05 kHz and fed to the turn detector the way a call feeds it — 20 ms frames,
-  each resampled to 16 kHz on its own (``CallSession.receive``) — at three frame alignments;
+  resampled to 16 kHz as a stream (``CallSession.receive``) — at three frame alignments;
   both the early clip (``EndCandidate``, transcribed speculatively) and the final one
-  (``UserTurn``). The frame-by-frame resampling leaves small steps at every frame edge that
-  the corpus files do not have, and tiny.en's short window reacts to them.
+  (``UserTurn``). tiny.en's short window hears some of these differently from the full
+  window (where the clip starts matters), which is why the app only uses it as a draft.
 
     .venv/bin/python scripts/measure_stt_window.py [--repeats 1] [--paddings 1,2,3,4]
 """
@@ -32,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from voicebot.audio import Samples, resample
+from voicebot.audio import Samples, StreamResampler
 from voicebot.bench.corpus import load_corpus
 from voicebot.bench.metrics import ErrorCount, error_count
 from voicebot.bench.models import base_multilingual_model, joe_voice, tiny_en_model
-from voicebot.stt import WhisperTranscriber
+from voicebot.stt import WhisperTranscriber, same_words
 from voicebot.turns import EndCandidate, TurnConfig, TurnDetector, UserTurn
 from voicebot.vad import SileroVad
 
@@ -90,8 +91,9 @@ def framed_clips(samples: Samples, rate: int, vad: SileroVad) -> list[tuple[str,
             (np.zeros(rate // 2 + offset, np.float32), samples, np.zeros(rate, np.float32))
         )
         detector = TurnDetector(TurnConfig(), vad.stream())
+        to_16k = StreamResampler(rate, 16000)
         for start in range(0, audio.size - frame, frame):
-            piece = resample(audio[start : start + frame], rate, 16000)
+            piece = to_16k(audio[start : start + frame])
             for event in detector.push(piece):
                 if isinstance(event, EndCandidate):
                     clips.append((f"early@{offset}", event.audio))
@@ -151,7 +153,10 @@ def main() -> None:
     if base is not None:
         pairs += [("base", base, "en"), ("base", base, "ja")]
 
-    print("set     model    lang  window   p50 ms  p90 ms  WER/CER  degenerate  worse  (clips)")
+    print(
+        "set     model    lang  window   p50 ms  p90 ms  WER/CER  degenerate  worse  agrees"
+        "  (clips)"
+    )
     for model_name, path, language in pairs:
         stt = WhisperTranscriber(str(path), device="cpu", cpu_threads=args.threads)
         stt.warm_up()
@@ -173,6 +178,7 @@ def _measure(
     times: dict[float | None, list[float]] = {p: [] for p in paddings}
     errors: dict[float | None, list[ErrorCount]] = {p: [] for p in paddings}
     degenerate: dict[float | None, int] = dict.fromkeys(paddings, 0)
+    texts: dict[float | None, list[str | None]] = {p: [] for p in paddings}  # None: degenerate
     for repeat in range(repeats):
         for clip in clips:
             for padding in paddings:
@@ -181,6 +187,7 @@ def _measure(
                 times[padding].append(time.perf_counter() - started)
                 if repeat == 0:
                     errors[padding].append(error_count(clip.reference, result.text, language))
+                    texts[padding].append(None if result.degenerate else result.text)
                     degenerate[padding] += result.degenerate is not None
     for padding in paddings:
         total = ErrorCount(
@@ -190,13 +197,17 @@ def _measure(
             short.errors > full.errors
             for short, full in zip(errors[padding], errors[None], strict=True)
         )
+        agrees = sum(
+            short is not None and full is not None and same_words(short, full)
+            for short, full in zip(texts[padding], texts[None], strict=True)
+        )
         window = "full" if padding is None else f"+{padding:g} s"
         ms = sorted(1000 * t for t in times[padding])
         p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
         print(
             f"{set_name:7s} {model_name:8s} {language:4s}  {window:7s} "
             f"{statistics.median(ms):7.0f} {p90:7.0f}  {100 * (total.rate or 0):6.1f}%  "
-            f"{degenerate[padding]:10d}  {worse:5d}  ({len(clips)})",
+            f"{degenerate[padding]:10d}  {worse:5d}  {agrees:6d}  ({len(clips)})",
             flush=True,
         )
 

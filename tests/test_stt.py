@@ -14,6 +14,7 @@ import scipy.io.wavfile
 from voicebot.audio import Samples, StreamResampler, resample, to_int16, to_mono_float32
 from voicebot.errors import ConfigError, StageError
 from voicebot.stt import (
+    DRAFT_LANGUAGES,
     FULL_WINDOW_S,
     SHORT_WINDOW_PADDING_S,
     Transcriber,
@@ -383,6 +384,7 @@ def test_the_draft_is_the_short_window_and_agrees_on_clear_speech(
     tiny_en: WhisperTranscriber,
     base_multilingual_model_dir: Path,
     english_speech: tuple[int, Samples],
+    japanese_speech: tuple[int, Samples],
 ) -> None:
     app_default = WhisperTranscriber(str(tiny_en_model_dir), device="cpu", short_window=False)
     samples, rate = _corpus_clip("en04.wav")
@@ -396,10 +398,13 @@ def test_the_draft_is_the_short_window_and_agrees_on_clear_speech(
     rate, samples = english_speech
     assert tiny_en.short_window and tiny_en.draft(english_speech, "en") is None
     assert app_default.draft((rate, samples[: rate // 20]), "en") is None
-    detecting = WhisperTranscriber(
+    multilingual = WhisperTranscriber(
         str(base_multilingual_model_dir), device="cpu", short_window=False
     )
-    assert detecting.draft(english_speech, None) is None
+    assert multilingual.draft(english_speech, None) is None
+    assert multilingual.draft(english_speech, "en") is not None
+    assert "ja" not in DRAFT_LANGUAGES  # measured not to pay (docs/benchmarks.md)
+    assert multilingual.draft(japanese_speech, "ja") is None
 
 
 def test_no_draft_while_other_calls_keep_every_worker_busy(

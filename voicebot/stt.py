@@ -62,6 +62,11 @@ SHORT_WINDOW_PADDING_S: Mapping[str, float] = {"en": 1.0, "ja": 3.0}
 """Silence decoded after the utterance with the short window, per language, chosen with
 ``scripts/measure_stt_window.py`` on the bench corpus (docs/benchmarks.md). Languages not
 listed always use the full window."""
+DRAFT_LANGUAGES = frozenset({"en"})
+"""Languages ``draft`` serves, chosen with ``voicebot bench --preemptive on,nodraft``
+(docs/benchmarks.md). Japanese is left out: whisper base's short window writes other kana
+and kanji than the full window often enough (子ども/子供) that half the drafts were dropped,
+and its +3 s window saves too little: v2v p50 1568 ms with drafts against 1091 without."""
 COMPRESSION_RATIO_LIMIT = 2.4
 """whisper's own threshold: text that gzip shrinks more than this is a repetition loop."""
 _REPEATED_UNITS = (
@@ -288,11 +293,11 @@ class WhisperTranscriber:
 
     def draft(self, audio: Audio, language: str | None = None) -> str | None:
         """The short window's text, as a draft for ``transcribe``'s full window: None when the
-        short window is already what ``transcribe`` does, the language has no measured
-        padding (or is to be detected), the clip is too long to gain, or the draft looks
-        degenerate. The policy starts a preemptive answer on it and keeps that answer only
-        if the full window hears the same words, so the turn's text (and the WER) is the
-        full window's and the short window only buys time.
+        short window is already what ``transcribe`` does, the language is not one of
+        ``DRAFT_LANGUAGES`` (or is to be detected), the clip is too long to gain, or the
+        draft looks degenerate. The policy starts a preemptive answer on it and keeps that
+        answer only if the full window hears the same words, so the turn's text (and the WER)
+        is the full window's and the short window only buys time.
 
         None, too, while every worker is busy with other calls' passes: a draft then would
         queue and delay the transcripts those calls wait for."""
@@ -304,7 +309,7 @@ class WhisperTranscriber:
         samples, lang = prepared
         padding = self._padding_s.get(lang or "")
         duration = samples.shape[-1] / WHISPER_SAMPLE_RATE
-        if padding is None or lang is None or duration + padding >= FULL_WINDOW_S:
+        if padding is None or lang not in DRAFT_LANGUAGES or duration + padding >= FULL_WINDOW_S:
             return None
         started = time.perf_counter()
         text, degenerate = self._decode_short(samples, lang, padding)
