@@ -666,7 +666,7 @@ class CallPolicy:
         assert turn is not None
         turn.started_at = utc_now()  # a turn starts when it closes, as any other
         turn.timings.endpoint_ms = (closed_t - speech_end_t) * 1000
-        turn.timings.stt_ms = stt_ms  # transcribed while the user was still silent
+        turn.timings.stt_ms = stt_ms  # 0: transcribed while the user was still silent
         reply.speech_end_t, reply.closed_t, reply.user_audio = speech_end_t, closed_t, audio
         self.record.number(turn)
         self._reply = reply

@@ -122,8 +122,8 @@ class Reply:
         """What the page shows of it so far (the chunks that have started playing)."""
         self._cancelled = threading.Event()
         self._confirmed = threading.Event()
-        self._may_synthesize = threading.Event()
-        self._may_synthesize.set()
+        self._synthesis_allowed = threading.Event()
+        self._synthesis_allowed.set()
         if not held:
             self._confirmed.set()
 
@@ -139,17 +139,17 @@ class Reply:
     def confirm(self) -> None:
         """Its turn is confirmed: a preemptive reply may run tools (the policy releases its
         audio)."""
-        self._may_synthesize.set()
+        self._synthesis_allowed.set()
         self._confirmed.set()
 
     def defer_synthesis(self) -> None:
         """It answers a draft transcript: synthesize nothing until ``allow_synthesis`` (the
         draft checked, or the turn closed at its pause), so the answer to a pause the user
         talks on after costs no TTS CPU, which the check's transcription needs."""
-        self._may_synthesize.clear()
+        self._synthesis_allowed.clear()
 
     def allow_synthesis(self) -> None:
-        self._may_synthesize.set()
+        self._synthesis_allowed.set()
 
     @property
     def finished(self) -> bool:
@@ -170,7 +170,7 @@ class Reply:
     @property
     def synthesis_allowed(self) -> threading.Event:
         """Clear while synthesis is deferred (``defer_synthesis``)."""
-        return self._may_synthesize
+        return self._synthesis_allowed
 
     @property
     def cancel_event(self) -> threading.Event:
