@@ -60,6 +60,10 @@ def _call(
     return result, call
 
 
+ONE_TURN = ["listening", "user_speaking", "thinking", "speaking", "listening"]
+"""The page's states over a one-turn call: a held reply never shows before it plays."""
+
+
 def _states(result: SimulationResult) -> list[str]:
     return [o.state for o in result.outputs if isinstance(o, CallStatus)]
 
@@ -85,13 +89,7 @@ def test_a_confirmed_turn_plays_the_held_reply_sooner_with_one_llm_request() -> 
         assert t.v2v_ms is not None and t.v2v_ms >= t.endpoint_ms  # never before the close
         v2v[preemptive] = t.v2v_ms
         # The page: the held reply never shows before the turn is confirmed.
-        assert _states(result)[:5] == [
-            "listening",
-            "user_speaking",
-            "thinking",
-            "speaking",
-            "listening",
-        ]
+        assert _states(result)[:5] == ONE_TURN
         # reply audio on the timeline after the speech end plus the endpointing wait
         rate, reply = result.reply_audio
         first_out = np.flatnonzero(np.abs(reply) > 0.01)[0] / rate
@@ -131,13 +129,7 @@ def test_an_answer_started_on_a_draft_plays_once_the_transcript_agrees() -> None
     # The LLM had been asked ~300 ms earlier: the first token came before the check.
     assert slow.timings.v2v_ms - t.v2v_ms > 200, (slow.timings.v2v_ms, t.v2v_ms)
     assert t.v2v_ms >= 440  # never before the transcript agreed
-    assert _states(result)[:5] == [
-        "listening",
-        "user_speaking",
-        "thinking",
-        "speaking",
-        "listening",
-    ]
+    assert _states(result)[:5] == ONE_TURN
 
 
 def test_a_draft_the_transcript_contradicts_is_dropped_and_the_turn_answered_afresh() -> None:
@@ -221,13 +213,7 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
     assert not turn.interrupted
     assert [u.turn.sequence for u in result.updates] == [1] * len(result.updates)
     assert all(u.turn.user_text == turn.user_text for u in result.updates)
-    assert _states(result)[:5] == [
-        "listening",
-        "user_speaking",
-        "thinking",
-        "speaking",
-        "listening",
-    ]
+    assert _states(result)[:5] == ONE_TURN
     # Nothing it said is logged.
     assert "I would like" not in caplog.text and "word1" not in caplog.text
 
