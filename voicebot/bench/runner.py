@@ -311,11 +311,14 @@ def run_one(
         first_audio = trace.first_played_from(max(final.audio_from_t, speech_end_t))
         heard_at(m, first_audio, speech_end_t)
         if interruption is not None:
+            later = [a.audio_from_t for a in all_answers if a.closed_t >= cutoff]
             if ours is not None and trace.interruption_end_sample is not None:
-                # Ours answers the interruption at least its end-of-turn silence after it.
-                next_audio_t = trace.wall_time(trace.interruption_end_sample) + 0.25
+                # Ours answers the interruption once its turn closes, at least its end-of-turn
+                # silence after it; an answer prepared from the draft plays at the close,
+                # which a turn-end model brings to 160 ms.
+                end_t = trace.wall_time(trace.interruption_end_sample)
+                next_audio_t = min([*later, end_t + 0.25])
             else:
-                later = [a.audio_from_t for a in all_answers if a.closed_t >= cutoff]
                 next_audio_t = min(later, default=math.inf)
             _measure_barge_in(m, trace, ref, final, next_audio_t)
     count = error_count(item.text, m.transcript, item.language)
