@@ -60,6 +60,7 @@ class FakeTranscriber(Scripted):
         self.draft_delay_s = draft_delay_s
         self.drafts_given = 0
         self.calls: list[float] = []  # seconds of audio per call
+        self.heard: list[Samples] = []  # the audio of each call
         self.fail = False
         self.in_flight = 0
         self.max_in_flight = 0
@@ -69,6 +70,7 @@ class FakeTranscriber(Scripted):
         rate, samples = audio
         with self._lock:
             self.calls.append(samples.size / rate)
+            self.heard.append(samples)
             index = len(self.calls) - 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)

@@ -205,3 +205,26 @@ def test_no_log_line_holds_what_was_said(caplog: pytest.LogCaptureFixture) -> No
     for record in caplog.records:
         message = record.getMessage()
         assert not any(s in message for s in said), message
+
+
+def test_the_call_resamples_its_input_as_one_stream() -> None:
+    """22.05 kHz frames (piper's rate, what the tests speak) reach the turn detector as the
+    whole input resampled at once, not as 20 ms pieces resampled apart (a step at each
+    frame edge)."""
+    from voicebot.audio import StreamResampler, resample
+
+    clock = VirtualClock()
+    stt = fakes.FakeTranscriber()
+    rt = fakes.runtime(clock=clock, transcriber=stt)
+    rate = 22050
+    audio = np.concatenate([silence(0.4, rate), tone(0.8, rate), silence(1.5, rate)])
+    simulate_call(rt, (rate, audio), clock=clock)
+    heard = stt.heard[-1]
+    lag = np.zeros(StreamResampler(rate, 16000).lag, np.float32)
+    whole = resample(np.concatenate((lag, audio)), rate, 16000)
+    # Where the clip sits in the whole: the offset that matches 256 samples of its tone.
+    voiced = int(np.flatnonzero(np.abs(heard) > 0.05)[0])
+    windows = np.lib.stride_tricks.sliding_window_view(whole, 256)
+    at = int(np.argmin(np.sum((windows - heard[voiced : voiced + 256]) ** 2, axis=1)))
+    start = at - voiced
+    np.testing.assert_allclose(heard, whole[start : start + heard.size], atol=1e-5)

@@ -363,3 +363,37 @@ def test_bench_preemptive_option_takes_on_nodraft_off_or_several() -> None:
     for bad in ("yes", "on,on", "on;off"):
         with pytest.raises(typer.BadParameter, match="expected some of on, nodraft, off"):
             _preemptive_list(bad)
+
+
+def test_the_worker_posts_the_draft_first_and_skips_a_replaced_requests_full_pass() -> None:
+    from voicebot.call.events import CallEvent, Transcribed
+    from voicebot.call.transcription import TranscriptionWorker
+
+    clock = VirtualClock()
+    events: list[CallEvent] = []
+    worker = TranscriptionWorker(clock, events.append)
+    stt = fakes.FakeTranscriber(
+        ["first full", "second full"],
+        delay_s=0.3,
+        drafts=("first draft", "second draft"),
+        draft_delay_s=0.1,
+    )
+    stt.clock = clock
+    audio = np.zeros(16000, np.float32)
+
+    ids: list[int] = []
+
+    def caller() -> None:
+        ids.append(worker.request(audio, stt, "en", draft=True))
+        clock.sleep(0.05)  # while the first request's draft is being made
+        ids.append(worker.request(audio, stt, "en", draft=True))
+        clock.sleep(1.0)
+        worker.close()
+
+    clock.start_thread(caller, "caller")
+    clock.advance(2.0)
+    assert ids == [1, 2]
+    posted = [(e.request, e.text, e.draft) for e in events if isinstance(e, Transcribed)]
+    # The first request's full pass never ran: the second one had replaced it by then.
+    assert posted == [(1, "first draft", True), (2, "second draft", True), (2, "first full", False)]
+    assert len(stt.calls) == 1 and worker.replaced == 1
