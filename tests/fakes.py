@@ -59,6 +59,7 @@ class FakeTranscriber(Scripted):
         self.drafts = list(drafts)  # per draft asked for, in order; none left: no draft
         self.draft_delay_s = draft_delay_s
         self.drafts_given = 0
+        self.fail_drafts = False
         self.calls: list[float] = []  # seconds of audio per call
         self.heard: list[Samples] = []  # the audio of each call
         self.fail = False
@@ -88,6 +89,8 @@ class FakeTranscriber(Scripted):
             return None
         self.drafts_given += 1
         self.pause(self.draft_delay_s)
+        if self.fail_drafts:
+            raise StageError("stt", "scripted draft failure")
         return self.drafts[self.drafts_given - 1]
 
 

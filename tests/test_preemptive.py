@@ -397,3 +397,17 @@ def test_the_worker_posts_the_draft_first_and_skips_a_replaced_requests_full_pas
     # The first request's full pass never ran: the second one had replaced it by then.
     assert posted == [(1, "first draft", True), (2, "second draft", True), (2, "first full", False)]
     assert len(stt.calls) == 1 and worker.replaced == 1
+
+
+def test_a_failing_draft_costs_nothing_but_its_time() -> None:
+    """The draft pass raises: no draft, no LLM request on it; the turn is answered on the
+    transcript as without drafts."""
+    audio = np.concatenate([silence(0.4), tone(0.8), silence(2.5)])
+    chat = fakes.FakeChat(reply="Sure, here you are.", ttft_s=0.25)
+    transcriber = fakes.FakeTranscriber(["Hello there."], delay_s=0.3, drafts=("hello",))
+    transcriber.fail_drafts = True
+    result, call = _call(preemptive=True, audio=audio, chat=chat, transcriber=transcriber)
+    [turn] = result.turns
+    assert turn.user_text == "Hello there." and turn.assistant_text == chat.reply
+    assert [r[-1].content for r in chat.requests] == ["Hello there."]
+    assert transcriber.drafts_given == 1 and call.wasted_llm_requests == 0

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     """When a pause may end the turn, first decode the short window as a draft and start
     preparing the answer on it while the full window transcribes the same audio; the answer
     plays only if both hear the same words, so the turn's text is always the full window's
-    [VOICEBOT_STT_DRAFT]. Only where the short window is off and the language has a measured
-    padding (English, Japanese)."""
+    [VOICEBOT_STT_DRAFT]. Only where the short window is off, and only for the languages
+    where it was measured to pay (``stt.DRAFT_LANGUAGES``: English)."""
 
     # --- speech synthesis
     tts_voice: str | None = None
