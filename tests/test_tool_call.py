@@ -120,6 +120,10 @@ def book(pg_dsn: str) -> Iterator[ReservationBook]:
 # --- English, through the command line, in real time -------------------------------------------
 
 
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    return next((str(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
+
+
 def next_open_friday(today: date) -> date:
     """A Friday 1-2 weeks ahead that is not in the New Year closure."""
     day = today + timedelta(days=7 + (4 - today.weekday()) % 7)
@@ -178,8 +182,14 @@ def test_cli_simulate_books_a_table_in_english(
     assert records[1]["assistant_text"] == BOOKED_EN  # what was played, to the end
     assert not any(r["interrupted"] or r["error"] for r in records)
     assert all(r["timings"]["v2v_ms"] is not None for r in records)
-    # The tools were offered, and each reply took two requests (the call, then the result).
-    assert len([r for r in requests if r.body.get("tools")]) == 4
+    # The tools were offered, and each reply took two requests (the call, then the result). A
+    # reply started early on an English draft transcript that the full pass then corrected
+    # ("for 2 and Friday") adds a request of its own; its tool call never runs (one booking, below).
+    heard = {r["user_text"] for r in records}
+    offered = [r for r in requests if r.body.get("tools")]
+    answered = [r for r in offered if last_user_text(r.body["messages"]) in heard]
+    assert len(answered) == 4
+    assert len(offered) - len(answered) <= 2  # at most one early start per turn
 
     # The persona's own restaurant: only this test books "sakura" in the test database.
     rows = stored(pg_dsn, "sakura")

@@ -343,10 +343,14 @@ class PostgresTurnStore:
         except Exception as e:
             turns = sum(1 for r in records if r.get("kind") == "turn")
             self._count("lost", turns)
-            now = time.monotonic()
             # One line per episode: a disk that is full stays full for a while, and a small
-            # batch squeezing in between two refused ones does not end the episode.
-            if now - self._spool_failed_at > SPOOL_LOG_INTERVAL_S:
+            # batch squeezing in between two refused ones does not end the episode. The writer
+            # and the spooler both spool, so the episode is decided under a lock.
+            with self._stats_lock:
+                now = time.monotonic()
+                first_of_episode = now - self._spool_failed_at > SPOOL_LOG_INTERVAL_S
+                self._spool_failed_at = now
+            if first_of_episode:
                 logger.error(
                     "cannot write the spool %s (%s): %d turns lost so far; further losses are"
                     " counted in voicebot_turns_lost_total",
@@ -354,7 +358,6 @@ class PostgresTurnStore:
                     e,
                     self.stats["lost"],
                 )
-            self._spool_failed_at = now
             return
         self._spool_dirty = True
         self._count("spooled", len(records))
