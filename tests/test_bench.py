@@ -24,8 +24,16 @@ from voicebot.bench.main import BenchOptions, run_bench
 from voicebot.bench.metrics import error_count, percentiles
 from voicebot.bench.report import format_table, plot
 from voicebot.bench.rtc_client import FRAME, HeardFrame, RtcTrace, first_onset, frame_onset_s
+from voicebot.bench.runner import (
+    Answer,
+    Measurement,
+    Reference,
+    interrupted_reply_end,
+    measure_barge_in,
+)
 from voicebot.bench.webrtc import input_latency_s, reply_onset
 from voicebot.settings import Settings
+from voicebot.simulate import CallTrace
 from voicebot.vad import SileroVad
 
 
@@ -312,3 +320,47 @@ def test_the_input_buffer_is_swapped_on_a_real_peer_connection_and_a_miss_is_log
         "aiortc's receiver has no _RTCRtpReceiver__jitter_buffer: WebRTC input keeps its 80 ms "
         "buffer"
     ]
+
+
+def _interrupted_call(answer_at: float) -> CallTrace:
+    """A call at 20 ms frames from t = 100 s: the reply queued at 103 s plays until 105.2 s,
+    0.2 s into an interruption spoken from 105 s to 106 s; the answer to the interruption is
+    queued at ``answer_at`` and plays from then on."""
+    frame = 320
+    trace = CallTrace(rate=16000, frame_samples=frame, t0=100.0)
+    trace.input_times = [100.0 + 0.02 * i for i in range(500)]
+    trace.interruption_start_sample = 5 * 16000
+    trace.interruption_end_sample = 6 * 16000
+    silence = np.zeros(480, np.float32)
+    reply_frames = [103.0 + 0.02 * i for i in range(111)]  # until 105.2 s
+    answer_frames = [answer_at + 0.02 * i for i in range(50)]
+    trace.queued = [(103.0, 0), (answer_at, len(reply_frames))]
+    trace.played = [(at, silence) for at in [*reply_frames, *answer_frames]]
+    trace.played_numbers = list(range(len(trace.played)))
+    return trace
+
+
+@pytest.mark.parametrize("answer_at", [106.16, 106.6])
+def test_barge_in_stop_ends_where_the_answer_to_the_interruption_starts(
+    answer_at: float,
+) -> None:
+    """The interrupted reply stopped 200 ms into the interruption, whether the answer to it
+    plays at a 160 ms close (prepared from the draft) or later."""
+    trace = _interrupted_call(answer_at)
+    ends = interrupted_reply_end([answer_at], trace.wall_time(trace.interruption_end_sample))
+    assert ends == pytest.approx(min(answer_at, 106.25))
+    m = Measurement(pipeline="ours", item="en13", language="en", repeat=0)
+    reply = Answer(102.5, "Tell me a story.", True, lambda _: None, 103.0)
+    measure_barge_in(m, trace, Reference(speech_end=40000, interruption_start=0), reply, ends)
+    assert m.bargein_stop_ms == pytest.approx(200.0, abs=0.5), m.notes
+
+
+def test_barge_in_stop_of_the_baseline_waits_for_its_answer() -> None:
+    """The baseline's frames are its own until its next answer starts: without one, all."""
+    trace = _interrupted_call(107.0)
+    assert interrupted_reply_end([107.0], None) == 107.0
+    assert interrupted_reply_end([], None) == float("inf")
+    m = Measurement(pipeline="baseline", item="en13", language="en", repeat=0)
+    reply = Answer(102.5, "Tell me a story.", True, lambda _: None, 103.0)
+    measure_barge_in(m, trace, Reference(speech_end=40000, interruption_start=0), reply, 1e9)
+    assert m.bargein_stop_ms == pytest.approx(2980.0, abs=0.5)  # the answer's frames too

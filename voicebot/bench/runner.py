@@ -312,15 +312,12 @@ def run_one(
         heard_at(m, first_audio, speech_end_t)
         if interruption is not None:
             later = [a.audio_from_t for a in all_answers if a.closed_t >= cutoff]
-            if ours is not None and trace.interruption_end_sample is not None:
-                # Ours answers the interruption once its turn closes, at least its end-of-turn
-                # silence after it; an answer prepared from the draft plays at the close,
-                # which a turn-end model brings to 160 ms.
-                end_t = trace.wall_time(trace.interruption_end_sample)
-                next_audio_t = min([*later, end_t + 0.25])
-            else:
-                next_audio_t = min(later, default=math.inf)
-            _measure_barge_in(m, trace, ref, final, next_audio_t)
+            end_t = (
+                trace.wall_time(trace.interruption_end_sample)
+                if ours is not None and trace.interruption_end_sample is not None
+                else None
+            )
+            measure_barge_in(m, trace, ref, final, interrupted_reply_end(later, end_t))
     count = error_count(item.text, m.transcript, item.language)
     m.errors, m.reference_tokens = count.errors, count.length
     return m
@@ -330,7 +327,7 @@ _BASELINE_SETTLE_S = 1.0
 
 
 @dataclass
-class _Answer:
+class Answer:
     """A turn a pipeline took, with when it was closed (monotonic seconds)."""
 
     closed_t: float
@@ -341,8 +338,8 @@ class _Answer:
     """Audio ``emit`` returned from this time on belongs to this turn's reply."""
 
 
-def _our_answers(turns: Sequence[Turn], wall_offset: float) -> list[_Answer]:
-    answers: list[_Answer] = []
+def _our_answers(turns: Sequence[Turn], wall_offset: float) -> list[Answer]:
+    answers: list[Answer] = []
     for turn in turns:
         if not turn.user_text:
             continue
@@ -358,7 +355,7 @@ def _our_answers(turns: Sequence[Turn], wall_offset: float) -> list[_Answer]:
         # A turn is created when it is closed; its started_at is wall-clock time.
         closed = turn.started_at.timestamp() - wall_offset
         # Ours drops what is queued of an earlier reply when the user talks over it.
-        answers.append(_Answer(closed, turn.user_text, turn.interrupted, fill, closed))
+        answers.append(Answer(closed, turn.user_text, turn.interrupted, fill, closed))
     return sorted(answers, key=lambda a: a.closed_t)
 
 
@@ -379,8 +376,8 @@ def heard_at(m: Measurement, first_audio: float | None, speech_end_t: float) -> 
         m.notes.append("acknowledged, but the answer was not heard")
 
 
-def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> list[_Answer]:
-    answers: list[_Answer] = []
+def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> list[Answer]:
+    answers: list[Answer] = []
     for i, record in enumerate(records):
 
         def fill(m: Measurement, record: BaselineTurn = record) -> None:
@@ -396,15 +393,28 @@ def _baseline_answers(records: Sequence[BaselineTurn], speech_end_t: float) -> l
         # ReplyOnPause may still hand out a sentence of a dropped reply after calling the
         # next one (it cannot close a generator that is running): skip past it.
         audio_from = record.first_yield_t if record.first_yield_t is not None else math.inf
-        answers.append(_Answer(record.called_t, record.user_text, interrupted, fill, audio_from))
+        answers.append(Answer(record.called_t, record.user_text, interrupted, fill, audio_from))
     return answers
 
 
-def _measure_barge_in(
+def interrupted_reply_end(
+    later_answers: Sequence[float], interruption_end_t: float | None
+) -> float:
+    """Until when the interrupted reply's frames count as its own: until the answer to the
+    interruption starts (``later_answers``: when each later answer's audio began). For ours
+    (``interruption_end_t`` given), at most until 250 ms after the interruption ends: ours
+    answers once the interruption's turn closes, and an answer prepared from the draft plays
+    at the close, which a turn-end model brings to 160 ms."""
+    if interruption_end_t is None:
+        return min(later_answers, default=math.inf)
+    return min([*later_answers, interruption_end_t + 0.25])
+
+
+def measure_barge_in(
     m: Measurement,
     trace: CallTrace,
     ref: Reference,
-    reply: _Answer,
+    reply: Answer,
     next_audio_t: float,
 ) -> None:
     """Interrupting speech start to the last played frame of ``reply``.
