@@ -188,6 +188,7 @@ def test_the_page_greets_answers_shows_status_captions_latencies_and_the_log(
             cells = rows.first.locator("td").all_inner_texts()
             assert cells[0].strip() == "1"
             assert cells[5].strip().isdigit()  # voice-to-voice was measured (ms)
+            assert cells[6].strip() == cells[5].strip()  # first sound: no acknowledgement here
             # One stacked bar per turn, its parts drawn.
             bars = page.locator("#vb-latency .vb-chart-row")
             expect(bars).to_have_count(2)

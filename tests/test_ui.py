@@ -96,13 +96,15 @@ def test_live_outputs_keep_the_transcript_and_chart_per_call_and_status_in_its_l
 def test_latency_chart_stacks_the_parts_on_one_scale_and_the_table_has_every_figure() -> None:
     fast, slow = _turn(1), _turn(2)
     slow.timings.stt_ms = 1200
+    slow.timings.first_sound_ms = 700  # an acknowledgement played before the slow answer
     page = latency_html([fast, slow])
     widths = [float(w) for w in re.findall(r"width:([0-9.]+)%", page)]
     assert len(widths) == 8  # endpoint, STT, LLM, TTS per turn
     assert sum(widths[4:]) == pytest.approx(100, abs=0.1)  # the slowest turn fills the track
     assert sum(widths[:4]) == pytest.approx(100 * 740 / 1740, abs=0.1)
     cells = re.findall(r"<td>([^<]*)</td>", page)
-    assert cells[:7] == ["1", "300", "200", "150", "90", "800", "–"]
+    assert cells[:8] == ["1", "300", "200", "150", "90", "800", "–", "–"]
+    assert cells[8:16] == ["2", "300", "1200", "150", "90", "800", "700", "–"]
     assert "white-space" not in page  # the stylesheet keeps headers on one line
 
 

@@ -63,6 +63,7 @@ LATENCY_COLUMNS = (
     ("LLM", "LLM first token"),
     ("TTS", "text to speech, first audio"),
     ("v2v", "voice to voice: end of speech to the first reply audio"),
+    ("sound", "first sound: end of speech to the first audio heard, the acknowledgement included"),
     ("barge-in", "barge-in: start of the interruption to the agent silent"),
 )
 """The table's short headers (it sits in a third of a 1280 px page) and what each means."""
@@ -222,6 +223,7 @@ def latency_html(turns: list[Turn]) -> str:
                 _ms(t.timings.llm_ttft_ms),
                 _ms(t.timings.tts_first_ms),
                 _ms(t.timings.v2v_ms),
+                _ms(t.timings.first_sound_ms),
                 _ms(t.timings.bargein_stop_ms),
             )
         )
