@@ -218,6 +218,32 @@ def test_speech_after_the_pause_drops_the_preemptive_reply_and_answers_once(
     assert "I would like" not in caplog.text and "word1" not in caplog.text
 
 
+def test_speech_after_the_close_drops_an_answer_waiting_for_its_check_at_once() -> None:
+    """'I would like' ... 0.5 s (the turn closes at 320 ms) ... 'a table for two': the answer
+    asked on the draft of the first part still waits for its check when the user goes on.
+    It is dropped then, its LLM stream closed, not left streaming until the next pause."""
+    audio = np.concatenate([silence(0.3), tone(0.7), silence(0.5), tone(0.7), silence(3.0)])
+    words = " ".join(f"word{i}" for i in range(40))
+    chat = fakes.FakeChat(reply=f"First sentence here. {words}.", token_s=0.02)
+    transcriber = fakes.FakeTranscriber(
+        ["I would like", "I would like a table for two"],
+        delay_s=0.8,  # the first part's check is still running when the user goes on
+        drafts=("i would like", "i would like a table for two"),
+    )
+    result, call = _call(preemptive=True, audio=audio, chat=chat, transcriber=transcriber)
+    assert [r[-1].content for r in chat.requests] == [
+        "i would like",
+        "i would like a table for two",
+    ]
+    # Asked at ~1.14 s, first token 50 ms later, then 20 ms a token; the user went on at
+    # 1.5 s: ~20 tokens sent, where a reply kept until the next pause streams all 43.
+    assert chat.sent_per_request[0] < 30, chat.sent_per_request
+    assert call.wasted_llm_requests == 1 and call.preemptive_played == 1
+    [turn] = result.turns
+    assert turn.sequence == 1 and turn.user_text == "I would like a table for two"
+    assert turn.assistant_text == chat.reply and not turn.interrupted
+
+
 def test_a_new_pause_replaces_the_preemptive_reply_and_off_means_off() -> None:
     # Two short pauses, each a candidate; the turn ends after the third stretch of speech.
     audio = np.concatenate(

@@ -272,6 +272,10 @@ class CallPolicy:
     def _on_speech_started(self) -> None:
         # The user talks again before the agent said anything: the last turn was not over
         # (a mid-sentence pause). Drop the pending reply and carry its audio into this turn.
+        # A preemptive answer still held (its draft not checked yet) answered that pause:
+        # it can no longer play, so its LLM stream and synthesis stop now, not at the next
+        # pause.
+        self._drop_preemptive("the user went on after the close")
         reply = self._reply
         if reply is None or reply.turn is None or reply.finished:
             return
