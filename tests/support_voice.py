@@ -28,6 +28,26 @@ def joe(voice_path: Path) -> PiperSynthesizer:
         return _voices[voice_path]
 
 
+_exact_voices: dict[Path, Any] = {}
+
+
+def say_exactly(voice_path: Path, text: str) -> MonoAudio:
+    """``text`` in a piper voice without its sampling noise: the same audio every run (with
+    the noise, a rare rendition can sound finished, or be heard otherwise, where the usual
+    one is not). The voice is loaded once per test session."""
+    from piper import PiperVoice, SynthesisConfig
+
+    with _voices_lock:
+        if voice_path not in _exact_voices:
+            _exact_voices[voice_path] = PiperVoice.load(voice_path)
+        voice = _exact_voices[voice_path]
+    quiet = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    chunks = list(voice.synthesize(text, syn_config=quiet))
+    assert chunks, f"nothing synthesized for {text!r}"
+    samples = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return chunks[0].sample_rate, samples
+
+
 def say(synthesizer: Any, text: str) -> MonoAudio:
     """``text`` spoken by ``synthesizer`` (any ``Synthesizer``) as one clip."""
     pieces = list(synthesizer.synthesize(text))

@@ -11,7 +11,7 @@ import pytest
 from fastrtc import SileroVadOptions
 from fastrtc.pause_detection.silero import SileroVADModel
 
-from voicebot.audio import MonoAudio
+from tests.support_voice import say_exactly
 from voicebot.bench.baseline import SileroV6PauseModel, speech_timestamps
 from voicebot.bench.corpus import (
     INTERRUPT_EN,
@@ -71,16 +71,7 @@ def test_pause_model_timestamps_match_fastrtc(seed: int) -> None:
 
 
 def _speaker(voice: Path) -> Speak:
-    from piper import PiperVoice, SynthesisConfig
-
-    model = PiperVoice.load(voice)
-    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-
-    def speak(text: str) -> MonoAudio:
-        chunks = [c.audio_float_array for c in model.synthesize(text, syn_config=config)]
-        return model.config.sample_rate, np.concatenate(chunks)
-
-    return speak
+    return lambda text: say_exactly(voice, text)
 
 
 def test_pause_model_hears_real_speech(joe_voice_path: Path, silero_model_path: Path) -> None:

@@ -19,6 +19,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.support_voice import say_exactly
 from voicebot.audio import resample
 from voicebot.endpointing import (
     SMART_TURN_FILE,
@@ -105,16 +106,10 @@ def test_satisfies_protocol(smart_turn: SmartTurn) -> None:
 
 
 def _speech(joe_voice_path: Path, text: str) -> np.ndarray:
-    """``text`` in the joe voice at 16 kHz, without piper's sampling noise: the same audio
-    every run (with the noise on, a rare rendition of "I need a room with," sounded finished
-    to the model)."""
-    from piper import PiperVoice, SynthesisConfig
-
-    voice = PiperVoice.load(joe_voice_path)
-    quiet = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-    chunks = list(voice.synthesize(text, syn_config=quiet))
-    samples = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-    return resample(samples, chunks[0].sample_rate, 16000)
+    """``text`` in the joe voice at 16 kHz, the same audio every run (with piper's sampling
+    noise on, a rare rendition of "I need a room with," sounded finished to the model)."""
+    rate, samples = say_exactly(joe_voice_path, text)
+    return resample(samples, rate, 16000)
 
 
 def _split_at_comma(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -332,16 +332,11 @@ def france_as_a_call_cuts_it(joe_voice_path: Path) -> Samples:
     same audio every run), fed to the turn detector as a call feeds it: 20 ms frames at the
     voice's 22.05 kHz, resampled to 16 kHz as a stream, the speech starting 294 samples into
     a frame; the turn the detector closes."""
-    from piper import PiperVoice, SynthesisConfig
-
+    from tests.support_voice import say_exactly
     from voicebot.turns import TurnConfig, TurnDetector, UserTurn
     from voicebot.vad import SileroVad
 
-    voice = PiperVoice.load(joe_voice_path)
-    quiet = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-    chunks = list(voice.synthesize("What is the capital of France?", syn_config=quiet))
-    rate = chunks[0].sample_rate
-    speech = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    rate, speech = say_exactly(joe_voice_path, "What is the capital of France?")
     audio = np.concatenate(
         (np.zeros(rate // 2 + 294, np.float32), speech, np.zeros(rate, np.float32))
     )
