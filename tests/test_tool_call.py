@@ -46,6 +46,7 @@ from voicebot.reservations.rules import RestaurantRules
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.settings import Settings
 from voicebot.simulate import simulate_call, turn_record
+from voicebot.stt import same_words
 from voicebot.turns import TurnConfig
 from voicebot.ui import on_turn_update
 
@@ -183,11 +184,14 @@ def test_cli_simulate_books_a_table_in_english(
     assert not any(r["interrupted"] or r["error"] for r in records)
     assert all(r["timings"]["v2v_ms"] is not None for r in records)
     # The tools were offered, and each reply took two requests (the call, then the result). A
-    # reply started early on an English draft transcript that the full pass then corrected
-    # ("for 2 and Friday") adds a request of its own; its tool call never runs (one booking, below).
-    heard = {r["user_text"] for r in records}
+    # confirmed reply may have been asked on the draft transcript (the same words, maybe not
+    # the same punctuation); one started on a draft that the full pass then corrected ("for 2
+    # and Friday") adds a request of its own, whose tool call never runs (one booking, below).
+    heard = [r["user_text"] for r in records]
     offered = [r for r in requests if r.body.get("tools")]
-    answered = [r for r in offered if last_user_text(r.body["messages"]) in heard]
+    answered = [
+        r for r in offered if any(same_words(last_user_text(r.body["messages"]), h) for h in heard)
+    ]
     assert len(answered) == 4
     assert len(offered) - len(answered) <= 2  # at most one early start per turn
 
