@@ -143,12 +143,16 @@ class ToneSynthesizer(Scripted):
     name = "tone-tts"
     sample_rate = 16000
 
-    def __init__(self, per_char_s: float = 0.03) -> None:
+    def __init__(self, per_char_s: float = 0.03, rtf: float = 0.0) -> None:
         self.per_char_s = per_char_s
+        self.rtf = rtf
+        """Seconds of synthesis per second of audio (on its clock)."""
         self.texts: list[str] = []
 
     def synthesize(self, text: str) -> Iterator[MonoAudio]:
         self.texts.append(text)
+        if self.rtf:
+            self.pause(len(text) * self.per_char_s * self.rtf)
         n = int(len(text) * self.per_char_s * self.sample_rate)
         t = np.arange(n) / self.sample_rate
         yield self.sample_rate, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)

@@ -30,6 +30,7 @@ from voicebot.bench.runner import (
     Reference,
     interrupted_reply_end,
     measure_barge_in,
+    reply_stall_ms,
 )
 from voicebot.bench.webrtc import input_latency_s, reply_onset
 from voicebot.settings import Settings
@@ -355,3 +356,18 @@ def test_barge_in_stop_of_the_baseline_waits_for_its_answer() -> None:
     reply = Answer(102.5, "Tell me a story.", True, lambda _: None, 103.0)
     measure_barge_in(m, trace, Reference(speech_end=40000, interruption_start=0), reply, 1e9)
     assert m.bargein_stop_ms == pytest.approx(2980.0, abs=0.5)  # the answer's frames too
+
+
+def test_reply_stall_counts_the_pauses_inside_the_answer_before_the_interruption() -> None:
+    """The reply of ``_interrupted_call`` with its audio running out twice: 150 ms after its
+    first second and 30 ms later on (scheduling, not counted); the answer
+    to the interruption (after the cutoff) and a gap before the reply are not the reply's."""
+    trace = _interrupted_call(106.6)
+    silence = trace.played[0][1]
+    times = [at for at, _ in trace.played]
+    times = [at + (0.15 if at > 104.0 else 0.0) + (0.03 if at > 104.5 else 0.0) for at in times]
+    trace.played = [(99.0, silence), *((at, silence) for at in times)]
+    cutoff = trace.wall_time(trace.interruption_start_sample)
+    assert reply_stall_ms(trace, 103.0, cutoff) == pytest.approx(150.0, abs=0.5)
+    assert reply_stall_ms(trace, 104.1, cutoff) == pytest.approx(0.0)
+    assert reply_stall_ms(trace, None, cutoff) is None

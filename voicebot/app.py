@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from voicebot.console import step
 from voicebot.errors import ConfigError, StageError, VoicebotError
+from voicebot.pace import ReplyPace
 from voicebot.personas import Persona, load_personas
 from voicebot.runtime import PersonaStack, Runtime
 from voicebot.settings import Settings
@@ -138,6 +139,7 @@ def build_runtime(
             transcriber=transcribers[model],
             chat=chats.chat_for(persona),
             synthesizer=synthesizer,
+            pace=ReplyPace(adaptive=settings.first_chunk_paced),
         )
     if warm_up:
         reachable = _check_llms(settings.ollama_host, stacks.values(), offer_pull)

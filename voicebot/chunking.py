@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Chunker", "chunk_text", "clean_for_speech"]
+__all__ = ["Chunker", "chunk_text", "clean_for_speech", "default_first_chunk_chars"]
 
 # Japanese: 8 lets the usual openers (かしこまりました、 / 承知いたしました、 / 恐れ入りますが、)
 # go to TTS alone, about 0.7 s sooner than waiting for the sentence (docs/japanese.md), while
@@ -39,6 +39,16 @@ _NEVER_FINAL = frozenset(
 _FINAL_IF_CAPITAL = frozenset({"etc.", "a.m.", "p.m."})
 _WORD_BEFORE = re.compile(r"[A-Za-z.]*$")
 _LIST_MARKER = re.compile(r"^\s*\d+$")
+
+
+def _language(language: str) -> Literal["en", "ja"]:
+    return "ja" if language.lower().startswith("ja") else "en"
+
+
+def default_first_chunk_chars(language: str) -> int:
+    """The first chunk's minimum length in ``language`` when nothing is known of the pace
+    (``voicebot.pace`` may lower it)."""
+    return _FIRST_MIN_CHARS[_language(language)]
 
 
 def _is_digit(ch: str) -> bool:
@@ -71,7 +81,7 @@ class Chunker:
         language: str = "en",
         max_chars: int | None = None,
     ) -> None:
-        lang = "ja" if language.lower().startswith("ja") else "en"
+        lang = _language(language)
         self.language = lang
         self.first_chunk_min_chars = (
             _FIRST_MIN_CHARS[lang] if first_chunk_min_chars is None else first_chunk_min_chars

@@ -16,6 +16,7 @@ from voicebot.acknowledgement import AcknowledgementAudio
 from voicebot.conversation import utc_now
 from voicebot.endpointing import TurnEndModel
 from voicebot.llm import ChatModel
+from voicebot.pace import ReplyPace
 from voicebot.personas import Persona
 from voicebot.stt import Transcriber
 from voicebot.tts import Synthesizer
@@ -39,6 +40,9 @@ class PersonaStack:
         default_factory=AcknowledgementAudio, compare=False, repr=False
     )
     """The persona's acknowledgement audio, made once and shared by every call."""
+    pace: ReplyPace = field(default_factory=ReplyPace, compare=False, repr=False)
+    """How fast its voice and model are, measured on every call's replies: how short a
+    reply's first chunk may be."""
 
 
 @dataclass(frozen=True)

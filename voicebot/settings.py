@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     """onnxruntime threads of a piper voice on CPU; 0 = half the cores, at least 1
     (voicebot.cpu.thread_plan) [VOICEBOT_TTS_THREADS]."""
 
+    first_chunk_paced: bool = True
+    """Let a reply's first chunk end at an earlier clause boundary ("Sure,") when the voice and
+    the model, measured on the replies so far, are fast enough that the next chunk is ready
+    before it has played (voicebot.pace); off: the language's fixed minimum (24 characters
+    in English) [VOICEBOT_FIRST_CHUNK_PACED]."""
+
     # --- language model
     ollama_host: str = Field(
         default="http://127.0.0.1:11434",

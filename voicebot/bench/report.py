@@ -31,6 +31,7 @@ _LABELS = {
     "v2v_ms": "voice-to-voice",
     "first_sound_ms": "first sound",
     "bargein_stop_ms": "barge-in stop",
+    "reply_stall_ms": "reply stalled",
 }
 
 

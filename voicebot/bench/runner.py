@@ -23,6 +23,7 @@ output played at playback pace). Definitions, identical for both pipelines:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import threading
@@ -47,7 +48,10 @@ logger = logging.getLogger(__name__)
 
 Pipeline = Literal["ours", "baseline"]
 PIPELINES: tuple[Pipeline, ...] = ("ours", "baseline")
-METRICS = TIMING_FIELDS
+METRICS = (*TIMING_FIELDS, "reply_stall_ms")
+_STALL_MIN_S = 0.06
+"""A pause between two played frames longer than this (three frames) is the reply's audio
+running out, not the player's scheduling."""
 _SETTLE_S = 0.5
 
 
@@ -106,6 +110,9 @@ class Measurement:
     v2v_ms: float | None = None
     first_sound_ms: float | None = None
     bargein_stop_ms: float | None = None
+    reply_stall_ms: float | None = None
+    """How long the answer's audio ran out after it had started (TTS or the LLM behind the
+    playback), up to the interruption: the sum of the pauses between played frames."""
     reference: str = ""
     transcript: str = ""
     reply: str = ""
@@ -310,6 +317,7 @@ def run_one(
         m.transcript = " ".join(a.user_text for a in [*early, final] if a.user_text)
         first_audio = trace.first_played_from(max(final.audio_from_t, speech_end_t))
         heard_at(m, first_audio, speech_end_t)
+        m.reply_stall_ms = reply_stall_ms(trace, first_audio, cutoff)
         if interruption is not None:
             later = [a.audio_from_t for a in all_answers if a.closed_t >= cutoff]
             end_t = (
@@ -324,6 +332,21 @@ def run_one(
 
 
 _BASELINE_SETTLE_S = 1.0
+
+
+def reply_stall_ms(trace: CallTrace, first_audio: float | None, until: float) -> float | None:
+    """The silence the player had to add inside the answer: from its first frame to ``until``
+    (the interruption) or the end of the call, every pause between two played frames beyond
+    their 20 ms, counted where it is longer than ``_STALL_MIN_S``."""
+    if first_audio is None:
+        return None
+    times = [at for at, _ in trace.played if first_audio <= at < until]
+    stall = sum(
+        later - earlier - FRAME_S
+        for earlier, later in itertools.pairwise(times)
+        if later - earlier > _STALL_MIN_S
+    )
+    return round(stall * 1000, 1)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from voicebot.call.events import (
 )
 from voicebot.call.mailbox import Closed, Mailbox
 from voicebot.call.playout import OUTPUT_RATE, Playout
-from voicebot.chunking import Chunker
+from voicebot.chunking import Chunker, default_first_chunk_chars
 from voicebot.conversation import Message, ToolCallRecord, Turn
 from voicebot.cpu import FIRST_CHUNK, LATER_CHUNK, synthesis_priority
 from voicebot.errors import StageError
@@ -343,21 +343,28 @@ class ReplyStages:
     ) -> Iterator[str]:
         """Speakable chunks from the LLM stream; on failure, the persona's apology."""
         timings = reply.timings
-        chunker = Chunker(language=stack.persona.language)
+        chunker = self._chunker(stack)
         sent = self._clock.now()
+        first_token_at: float | None = None
+        written = 0  # characters after the first token
         stream = stack.chat.stream(messages)
         try:
             for event in llm_events(stream):
                 if reply.cancelled:
                     break
                 # Issue 13: a tool-call event pauses the stream here.
-                if timings.llm_ttft_ms is None:
-                    timings.llm_ttft_ms = (self._clock.now() - sent) * 1000
+                if first_token_at is None:
+                    first_token_at = self._clock.now()
+                    timings.llm_ttft_ms = (first_token_at - sent) * 1000
+                else:
+                    written += len(event.text)
                 chunks = chunker.feed(event.text)
                 if chunks and timings.llm_first_chunk_ms is None:
                     timings.llm_first_chunk_ms = (self._clock.now() - sent) * 1000
                 yield from chunks
             else:
+                if first_token_at is not None:
+                    stack.pace.streamed(written, self._clock.now() - first_token_at)
                 chunks = chunker.flush()  # a one-chunk reply only completes here
                 if chunks and timings.llm_first_chunk_ms is None:
                     timings.llm_first_chunk_ms = (self._clock.now() - sent) * 1000
@@ -409,7 +416,7 @@ class ReplyStages:
             else:
                 self._post(ToolDone(reply.id, event.record))
 
-        chunker = Chunker(language=stack.persona.language)
+        chunker = self._chunker(stack)
         try:
             for chunk in speakable(timed(tool_reply), chunker, on_tool):
                 if reply.cancelled:
@@ -425,6 +432,16 @@ class ReplyStages:
         finally:
             tool_reply.close()  # stops the model's stream and tells a running tool
 
+    @staticmethod
+    def _chunker(stack: PersonaStack) -> Chunker:
+        """A reply's chunker, its first chunk as short as the persona's measured pace allows."""
+        language = stack.persona.language
+        default = default_first_chunk_chars(language)
+        shortest = stack.pace.first_chunk_min_chars(default)
+        if shortest < default:
+            logger.debug("first chunk from %d characters (%s)", shortest, stack.pace.estimates())
+        return Chunker(language=language, first_chunk_min_chars=shortest)
+
     def _until(self, reply: Reply, gate: threading.Event) -> bool:
         """Hold a preemptive reply until ``gate`` opens: at a tool call until its turn is
         confirmed (a tool may book or cancel something: it must never run for a turn that
@@ -439,13 +456,21 @@ class ReplyStages:
 
     def _synthesize(self, reply: Reply, stack: PersonaStack, index: int, text: str) -> None:
         ready = self._clock.now()
+        audio_s = 0.0
         try:
             for rate, samples in stack.synthesizer.synthesize(text):
                 if reply.timings.tts_first_ms is None:
                     reply.timings.tts_first_ms = (self._clock.now() - ready) * 1000
+                audio_s += samples.size / rate
                 audio = resample(samples, rate, OUTPUT_RATE)
                 if reply.cancelled or not self._playout.push(reply.id, index, audio):
                     break
+            else:
+                # The chunks after the first are what a short first chunk must cover: their
+                # synthesis (not the first's, which shares the CPU with the turn's
+                # transcription) is the pace that counts.
+                if index > 0:
+                    stack.pace.synthesized(len(text), audio_s, self._clock.now() - ready)
         except Exception as e:
             logger.error("reply %d: tts failed: %s", reply.id, e)  # never the text itself
             self._post(
