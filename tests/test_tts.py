@@ -144,7 +144,8 @@ def test_piper_on_a_set_number_of_threads(
     assert one.sample_rate == piper_joe.sample_rate
     text = "The same voice on one thread."
     (rate, ours), (_, default) = (next(iter(s.synthesize(text))) for s in (one, piper_joe))
-    assert rate == 22050 and abs(ours.size - default.size) < 0.05 * default.size
+    # Piper samples its durations (noise_w), so two renditions differ by up to ~10 % in length.
+    assert rate == 22050 and abs(ours.size - default.size) < 0.2 * default.size
     assert rms(ours) > 0.02
 
 
