@@ -285,3 +285,35 @@ def test_japanese_call_through_whisper_base_and_kokoro(
     rate, reply = result.reply_audio
     assert _first_loud_s(reply, rate) > call.ends_s[0]
     assert rms_db(reply[int(call.ends_s[0] * rate) :]) > -40
+
+
+def test_a_real_call_measures_the_pace_of_piper_and_the_model(
+    ollama: OllamaProtocolServer,
+    tiny_en_model_dir: Path,
+    joe_voice_path: Path,
+    tmp_path: Path,
+) -> None:
+    """The paces come from the real stages (``voicebot.pace``), whatever the setting; with
+    ``first_chunk_paced`` off the first chunk keeps its fixed minimum."""
+    settings = Settings(
+        data_dir=tmp_path,
+        persona="assistant-en",
+        stt_model=str(tiny_en_model_dir),
+        tts_voice=str(joe_voice_path),
+        ollama_host=ollama.base_url,
+        first_chunk_paced=False,
+    )
+    runtime = build_runtime(settings, personas=["assistant-en"])
+    voice = joe(joe_voice_path)
+    call = Timeline(voice.sample_rate).silence(0.3)
+    call.clip(say(voice, "How tall is the Eiffel Tower?")).silence(6.0)
+    result = simulate_call(runtime, call.audio)
+    assert [t.assistant_text for t in result.turns] == [TOWER]
+    pace = runtime.stack("assistant-en").pace
+    measured = pace.estimates()
+    # TOWER's chunks: "It is about three hundred meters tall," then the one measured.
+    assert measured.chunk_chars == len("and people climb it every day.")
+    assert measured.speech_rate is not None and 8 < measured.speech_rate < 30  # piper speaks
+    assert measured.rtf is not None and measured.rtf > 0
+    assert measured.llm_rate is not None and measured.llm_rate > 0
+    assert not pace.adaptive and pace.first_chunk_min_chars(24) == 24
