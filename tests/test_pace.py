@@ -28,6 +28,8 @@ def _measured(*, speech_rate: float, rtf: float, llm_rate: float, chunk: int) ->
 def test_nothing_measured_keeps_the_languages_default() -> None:
     pace = ReplyPace()
     assert pace.first_chunk_min_chars(24) == 24
+    pace.synthesized(3, 0.0, 0.1)  # "…!" gave no audio: no rate to learn from
+    assert pace.estimates().speech_rate is None and pace.estimates().rtf is None
     pace.synthesized(60, 4.0, 0.2)  # the voice alone: the model's pace is still unknown
     assert pace.first_chunk_min_chars(24) == 24
 

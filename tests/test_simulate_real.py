@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,12 +81,25 @@ def runtime_en(
     joe_voice_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Runtime:
+    data_dir = tmp_path_factory.mktemp("data-en")
+    return _runtime_en(data_dir, ollama, tiny_en_model_dir, joe_voice_path)
+
+
+def _runtime_en(
+    data_dir: Path,
+    ollama: OllamaProtocolServer,
+    model_dir: Path,
+    voice_path: Path,
+    **overrides: Any,
+) -> Runtime:
+    """The English assistant on tiny.en, piper joe and the scripted model."""
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data-en"),
+        data_dir=data_dir,
         persona="assistant-en",
-        stt_model=str(tiny_en_model_dir),
-        tts_voice=str(joe_voice_path),
+        stt_model=str(model_dir),
+        tts_voice=str(voice_path),
         ollama_host=ollama.base_url,
+        **overrides,
     )
     return build_runtime(settings, personas=["assistant-en"])
 
@@ -295,15 +309,9 @@ def test_a_real_call_measures_the_pace_of_piper_and_the_model(
 ) -> None:
     """The paces come from the real stages (``voicebot.pace``), whatever the setting; with
     ``first_chunk_paced`` off the first chunk keeps its fixed minimum."""
-    settings = Settings(
-        data_dir=tmp_path,
-        persona="assistant-en",
-        stt_model=str(tiny_en_model_dir),
-        tts_voice=str(joe_voice_path),
-        ollama_host=ollama.base_url,
-        first_chunk_paced=False,
+    runtime = _runtime_en(
+        tmp_path, ollama, tiny_en_model_dir, joe_voice_path, first_chunk_paced=False
     )
-    runtime = build_runtime(settings, personas=["assistant-en"])
     voice = joe(joe_voice_path)
     call = Timeline(voice.sample_rate).silence(0.3)
     call.clip(say(voice, "How tall is the Eiffel Tower?")).silence(6.0)
